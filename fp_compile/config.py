@@ -1,0 +1,133 @@
+"""FlashPrefillConfig: every hyperparameter of the FlashPrefill op in one frozen dataclass.
+
+Defaults follow the paper (arXiv 2603.06199) except where a measured improvement says otherwise;
+``FlashPrefillConfig.paper_rule()`` always gives the paper's selection exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+_KERNELS = ("auto", "triton", "reference")
+
+# Options that go beyond the paper. paper_rule() switches every one of them off, so new
+# beyond-the-paper fields must be registered here with their "off" value.
+_BEYOND_PAPER_OFF: dict[str, Any] = {
+    "mean_correction": False,
+    "gqa_shared": False,
+}
+
+
+@dataclass(frozen=True)
+class FlashPrefillConfig:
+    """Hyperparameters of FlashPrefill sparse prefill attention.
+
+    Attributes:
+        block_size: tokens per query/key block (power of two, >= 16).
+        alpha: dynamic threshold; key block j is kept for query block i when
+            ``score_ij >= alpha * max_j score_ij``. 0 keeps every causal block (dense).
+        sink_blocks: the first key blocks that every query block always keeps.
+        window_blocks: key blocks ending at the diagonal (diagonal included) always kept (>= 1).
+        last_dense_blocks: the last query blocks that keep every causal key block.
+        min_seq_len: below this sequence length the op runs dense SDPA.
+        kernel: "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
+        mean_correction: FlashPrefill V2's zero-order correction: each skipped key block fully
+            before the query block enters the softmax as one pseudo-token.
+        gqa_shared: query heads of one kv group share one kept set (the union).
+        dense_layers: SDPA-call indices (order of calls in the model) that stay dense.
+        layer_alpha: per-layer alpha overrides, as ``((layer, alpha), ...)``.
+        collect_stats: record per-layer, per-head density of every prefill (off: no cost).
+    """
+
+    block_size: int = 128
+    alpha: float = 0.12
+    sink_blocks: int = 2
+    window_blocks: int = 4
+    last_dense_blocks: int = 2
+    min_seq_len: int = 4096
+    kernel: str = "auto"
+    mean_correction: bool = False
+    gqa_shared: bool = False
+    dense_layers: tuple[int, ...] = ()
+    layer_alpha: tuple[tuple[int, float], ...] = ()
+    collect_stats: bool = False
+
+    def __post_init__(self) -> None:
+        def _int(name: str, minimum: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"FlashPrefillConfig.{name} must be an int, got {value!r}")
+            if value < minimum:
+                raise ValueError(f"FlashPrefillConfig.{name} must be >= {minimum}, got {value}")
+
+        _int("block_size", 16)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(
+                f"FlashPrefillConfig.block_size must be a power of two, got {self.block_size}"
+            )
+        _int("sink_blocks", 0)
+        _int("window_blocks", 1)
+        _int("last_dense_blocks", 0)
+        _int("min_seq_len", 0)
+        _check_alpha("alpha", self.alpha)
+        if self.kernel not in _KERNELS:
+            raise ValueError(
+                f"FlashPrefillConfig.kernel must be one of {_KERNELS}, got {self.kernel!r}"
+            )
+        for name in ("mean_correction", "gqa_shared", "collect_stats"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"FlashPrefillConfig.{name} must be a bool")
+        # Accept lists / dicts from users (and torch.compile options) but store hashable tuples.
+        dense = tuple(self.dense_layers)
+        for layer in dense:
+            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                raise ValueError(f"FlashPrefillConfig.dense_layers entries must be ints >= 0, got {layer!r}")
+        object.__setattr__(self, "dense_layers", dense)
+        pairs = self.layer_alpha.items() if isinstance(self.layer_alpha, Mapping) else self.layer_alpha
+        layer_alpha = tuple((int(layer), float(a)) for layer, a in pairs)
+        for layer, a in layer_alpha:
+            if layer < 0:
+                raise ValueError(f"FlashPrefillConfig.layer_alpha layer must be >= 0, got {layer}")
+            _check_alpha("layer_alpha", a)
+        object.__setattr__(self, "layer_alpha", layer_alpha)
+
+    @classmethod
+    def paper_rule(cls, **overrides: Any) -> "FlashPrefillConfig":
+        """The config that reproduces the paper's selection exactly (beyond-paper options off)."""
+        values = dict(_BEYOND_PAPER_OFF)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> "FlashPrefillConfig":
+        """Build a config from ``torch.compile(..., options={...})``; unknown keys raise."""
+        options = dict(options or {})
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown flashprefill option(s) {unknown}; valid options are {valid}"
+            )
+        return cls(**options)
+
+    def replace(self, **changes: Any) -> "FlashPrefillConfig":
+        return dataclasses.replace(self, **changes)
+
+    def for_layer(self, layer: int) -> "FlashPrefillConfig | None":
+        """The config for the ``layer``-th SDPA call, or None when that layer stays dense."""
+        if layer in self.dense_layers:
+            return None
+        for index, a in self.layer_alpha:
+            if index == layer:
+                return self.replace(alpha=a)
+        return self
+
+
+def _check_alpha(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"FlashPrefillConfig.{name} must be a float, got {value!r}")
+    if math.isnan(value) or value < 0 or value > 1:
+        raise ValueError(f"FlashPrefillConfig.{name} must be in [0, 1], got {value}")

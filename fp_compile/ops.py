@@ -1,0 +1,121 @@
+"""Registration of ``torch.ops.fp_compile.flash_prefill``.
+
+The op is a ``torch.library.triton_op``: under torch.compile, AOT autograd decomposes it into its
+body, so on CUDA Inductor sees the two Triton kernels (launched through ``wrap_triton``) and
+writes them into its generated code; torch.export keeps the op whole.
+
+On any other device the body calls ``fp_compile::flash_prefill_eager``, an opaque custom op that
+runs the plain-torch reference (or the Triton kernels under TRITON_INTERPRET=1). Being opaque, it
+is traced once with fake tensors and decides dense-vs-sparse at run time, with concrete shapes,
+so no guard on the sequence length ever reaches the compiled graph.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch.library import custom_op, triton_op
+
+from .config import FlashPrefillConfig
+from .kernels import reference as ref
+
+# Config fields passed to the op, in schema order (after q, k, v, scale).
+OP_CONFIG_FIELDS = (
+    "block_size", "alpha", "sink_blocks", "window_blocks", "last_dense_blocks", "min_seq_len",
+    "kernel", "mean_correction", "gqa_shared", "collect_stats",
+)
+
+
+def op_config_args(config: FlashPrefillConfig) -> tuple:
+    return tuple(getattr(config, name) for name in OP_CONFIG_FIELDS)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(device: torch.device, kernel: str) -> bool:
+    """Whether the Triton kernels run for tensors on ``device`` under config.kernel."""
+    if kernel == "reference":
+        return False
+    if kernel == "auto":
+        return device.type == "cuda"
+    if device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            "FlashPrefillConfig(kernel='triton') on a non-CUDA tensor needs TRITON_INTERPRET=1 "
+            "set before triton is imported; use kernel='auto' or 'reference' instead")
+    return True
+
+
+def _sparse_triton(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks,
+                   last_dense_blocks, mean_correction, gqa_shared):
+    from .kernels.block_sparse_attention import block_sparse_attention
+    from .kernels.pattern_search import pattern_search
+
+    num, idx = pattern_search(q, k, scale, block_size, alpha, sink_blocks, window_blocks,
+                              last_dense_blocks, gqa_shared=gqa_shared)
+    return block_sparse_attention(q, k, v, num, idx, scale, block_size,
+                                  mean_correction=mean_correction)
+
+
+def _run(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
+         min_seq_len, kernel, mean_correction, gqa_shared, collect_stats):
+    """The op on concrete tensors of any device (eager)."""
+    scale = ref.default_scale(q.shape[-1], scale)
+    if q.shape[2] < min_seq_len:
+        return ref.dense_causal_attention(q, k, v, scale)
+    if use_triton(q.device, kernel):
+        return _sparse_triton(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks,
+                              last_dense_blocks, mean_correction, gqa_shared)
+    return ref.flash_prefill_reference(q, k, v, scale, block_size, alpha, sink_blocks,
+                                       window_blocks, last_dense_blocks, 0, mean_correction,
+                                       gqa_shared)
+
+
+@custom_op("fp_compile::flash_prefill_eager", mutates_args=())
+def flash_prefill_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        scale: Optional[float], block_size: int, alpha: float, sink_blocks: int,
+                        window_blocks: int, last_dense_blocks: int, min_seq_len: int,
+                        kernel: str, mean_correction: bool, gqa_shared: bool,
+                        collect_stats: bool, layer: int = -1) -> torch.Tensor:
+    return _run(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks,
+                last_dense_blocks, min_seq_len, kernel, mean_correction, gqa_shared,
+                collect_stats)
+
+
+@flash_prefill_eager.register_fake
+def _(q, k, v, *args):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@triton_op("fp_compile::flash_prefill", mutates_args=())
+def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: Optional[float], block_size: int, alpha: float, sink_blocks: int,
+                     window_blocks: int, last_dense_blocks: int, min_seq_len: int, kernel: str,
+                     mean_correction: bool, gqa_shared: bool,
+                     collect_stats: bool, layer: int = -1) -> torch.Tensor:
+    """FlashPrefill causal attention. q (B, H, S, D); k, v (B, Hkv, S, D); returns (B, H, S, D).
+
+    ``layer`` is the index of this SDPA call in the model (-1: unknown), for per-layer stats.
+    """
+    args = (scale, block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
+            min_seq_len, kernel, mean_correction, gqa_shared, collect_stats, layer)
+    if q.device.type != "cuda" or kernel == "reference" or collect_stats:
+        return torch.ops.fp_compile.flash_prefill_eager(q, k, v, *args)
+    scale_f = ref.default_scale(q.shape[-1], scale)
+
+    def dense(q, k, v):
+        return ref.dense_causal_attention(q, k, v, scale_f)
+
+    def sparse(q, k, v):
+        return _sparse_triton(q, k, v, scale_f, block_size, alpha, sink_blocks, window_blocks,
+                              last_dense_blocks, mean_correction, gqa_shared)
+
+    short = q.shape[2] < min_seq_len
+    if isinstance(short, bool):
+        return dense(q, k, v) if short else sparse(q, k, v)
+    # Symbolic length (dynamic shapes): branch at run time instead of guarding on S, so one
+    # compiled graph serves short (dense) and long (sparse) prompts.
+    return torch.cond(short, dense, sparse, (q, k, v))
