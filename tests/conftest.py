@@ -1,0 +1,37 @@
+"""Shared test setup.
+
+Without a GPU the Triton kernels can only run in Triton's interpreter, which must be switched on
+before triton is first imported: do it here, before any test module imports fp_compile.
+"""
+
+import os
+import shutil
+import subprocess
+
+
+def _has_cuda() -> bool:
+    # Decided without importing torch (importing torch may import triton).
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    if shutil.which("nvidia-smi") is None:
+        return False
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0
+    except Exception:
+        return False
+
+
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
