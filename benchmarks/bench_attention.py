@@ -1,0 +1,228 @@
+"""Kernel benchmark: FlashPrefill op vs cuDNN / flash SDPA and FlexAttention on the same blocks.
+
+    python benchmarks/bench_attention.py --out results/          # H200: about 5 minutes
+
+Inputs carry planted attention structure (fp_compile.synthetic). Every row is checked against
+dense attention before it is timed: the op's error vs dense (what sparsity costs) and the
+attention kernel vs compiled FlexAttention on the same BlockMask (should agree to rounding).
+Times are medians of CUDA-event timings after warm-up. Writes a JSON, a CSV and a PNG to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fp_compile import FlashPrefillConfig, flash_prefill, select_blocks  # noqa: E402
+from fp_compile.synthetic import planted_qkv  # noqa: E402
+
+
+def cuda_time(fn, reps: int, warmup: int = 2) -> tuple[float, float]:
+    """Median and (max - min) / 2 of ``reps`` CUDA-event timings in ms, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), (max(times) - min(times)) / 2
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def sdpa_backend(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel([backend])
+
+
+def dense_fn(q, k, v, backend):
+    from torch.nn.attention import SDPBackend
+
+    be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    # Dense kernels get k/v repeated to H heads (not every backend takes enable_gqa); the copy
+    # is made once, outside the timed region.
+    rep = q.shape[1] // k.shape[1]
+    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+
+    def run():
+        with sdpa_backend(be):
+            return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
+    return run
+
+
+def bench_one(S: int, args, flex_compiled) -> dict:
+    from fp_compile.kernels.block_sparse_attention import block_sparse_attention
+    from fp_compile.kernels.pattern_search import pattern_search
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    B, H, Hkv, D = 1, args.heads, args.kv_heads, args.head_dim
+    q, k, v = planted_qkv(B, H, Hkv, S, D, seed=args.seed, dtype=dtype, device="cuda")
+    scale = 1 / math.sqrt(D)
+    cfg = FlashPrefillConfig(alpha=args.alpha, min_seq_len=0, block_size=args.block_size,
+                             **json.loads(args.config))
+    reps = max(3, min(args.reps, int(2e5 / S)))
+    row = {"S": S, "reps": reps}
+
+    cudnn = dense_fn(q, k, v, "cudnn")
+    dense_out = cudnn()
+    row["cudnn_ms"], row["cudnn_spread"] = cuda_time(cudnn, reps)
+    flash = dense_fn(q, k, v, "flash")
+    row["flash_vs_cudnn_err"] = rel_err(flash(), dense_out)
+    row["flash_ms"], _ = cuda_time(flash, reps)
+
+    # The op, poisoned output first: fill the memory its output will reuse with NaN, so an
+    # element the kernels fail to write shows up as non-finite.
+    poison = torch.full_like(q, float("nan"))
+    del poison
+    out = flash_prefill(q, k, v, enable_gqa=True, config=cfg)
+    row["op_finite"] = bool(out.isfinite().all())
+    row["err_vs_dense"] = rel_err(out, dense_out)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    flash_prefill(q, k, v, enable_gqa=True, config=cfg)
+    torch.cuda.synchronize()
+    row["op_extra_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    row["op_ms"], row["op_spread"] = cuda_time(
+        lambda: flash_prefill(q, k, v, enable_gqa=True, config=cfg), reps)
+
+    sargs = (q, k, scale, cfg.block_size, cfg.alpha, cfg.sink_blocks, cfg.window_blocks,
+             cfg.last_dense_blocks)
+    num, idx = pattern_search(*sargs, gqa_shared=cfg.gqa_shared)
+    row["search_ms"], _ = cuda_time(lambda: pattern_search(*sargs, gqa_shared=cfg.gqa_shared),
+                                    reps)
+    attn = block_sparse_attention(q, k, v, num, idx, scale, cfg.block_size)
+    row["attn_ms"], _ = cuda_time(
+        lambda: block_sparse_attention(q, k, v, num, idx, scale, cfg.block_size), reps)
+    M = idx.shape[-1]
+    kept = num.sum().item()
+    row["density"] = kept / (num.numel() * (M + 1) / 2)
+    # Effective attention throughput on the kept blocks (QK^T and PV, diagonal counted half).
+    flops = 4 * D * cfg.block_size * cfg.block_size * (kept - num.numel() / 2)
+    row["attn_tflops"] = flops / (row["attn_ms"] * 1e-3) / 1e12
+
+    sel = select_blocks(q, k, config=cfg)
+    row["search_matches_select_blocks"] = bool(torch.equal(sel.kv_num_blocks, num))
+    if flex_compiled is not None:
+        bm = sel.to_block_mask()
+        flex_out = flex_compiled(q, k, v, block_mask=bm, enable_gqa=True)
+        row["attn_vs_flex_err"] = rel_err(attn, flex_out)
+        row["flex_ms"], _ = cuda_time(
+            lambda: flex_compiled(q, k, v, block_mask=bm, enable_gqa=True), reps)
+        row["attn_speedup_vs_flex"] = row["flex_ms"] / row["attn_ms"]
+    row["speedup_vs_cudnn"] = row["cudnn_ms"] / row["op_ms"]
+    row["search_share"] = row["search_ms"] / row["op_ms"]
+    del q, k, v, out, dense_out, attn
+    torch.cuda.empty_cache()
+    return row
+
+
+COLUMNS = [("S", "{:>7}"), ("cudnn_ms", "{:8.2f}"), ("flash_ms", "{:8.2f}"),
+           ("flex_ms", "{:8.2f}"), ("op_ms", "{:8.2f}"), ("search_ms", "{:7.2f}"),
+           ("attn_ms", "{:7.2f}"), ("density", "{:6.3f}"), ("err_vs_dense", "{:7.4f}"),
+           ("attn_vs_flex_err", "{:8.1e}"), ("attn_tflops", "{:6.0f}"),
+           ("speedup_vs_cudnn", "{:6.2f}"), ("attn_speedup_vs_flex", "{:6.2f}")]
+
+
+def table(rows) -> str:
+    head = " | ".join(name for name, _ in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(" | ".join(fmt.format(r[name]) if name in r else "-" for name, fmt in COLUMNS))
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    S = [r["S"] for r in rows]
+    for key, label in [("cudnn_ms", "cuDNN SDPA"), ("flash_ms", "flash SDPA"),
+                       ("flex_ms", "FlexAttention (same blocks)"), ("op_ms", "fp_compile op")]:
+        if all(key in r for r in rows):
+            ax.plot(S, [r[key] for r in rows], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("ms (median)")
+    ax.set_title("causal prefill attention, planted structure")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-lens", default="4096,8192,16384,32768,65536,131072")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--alpha", type=float, default=FlashPrefillConfig().alpha)
+    p.add_argument("--config", default="{}", help="extra FlashPrefillConfig fields as JSON")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--out", default="bench_out")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_attention needs a CUDA GPU")
+    os.makedirs(args.out, exist_ok=True)
+    flex = None
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    import triton
+
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "date": datetime.date.today().isoformat(),
+            "args": vars(args)}
+    rows = []
+    for S in [int(s) for s in args.seq_lens.split(",")]:
+        try:
+            rows.append(bench_one(S, args, flex))
+        except torch.OutOfMemoryError as e:  # report, keep the rows measured so far
+            print(f"S={S}: out of memory ({e})", flush=True)
+            torch.cuda.empty_cache()
+        print(json.dumps(rows[-1]) if rows else "", flush=True)
+    with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "bench_attention.csv"), "w") as f:
+        keys = sorted({k for r in rows for k in r})
+        f.write(",".join(keys) + "\n")
+        for r in rows:
+            f.write(",".join(str(r.get(k, "")) for k in keys) + "\n")
+    plot(rows, os.path.join(args.out, "bench_attention.png"))
+    print(f"\n{meta['gpu']}  torch {meta['torch']}  triton {meta['triton']}  {meta['date']}  "
+          f"B=1 H={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype} "
+          f"alpha={args.alpha} config={args.config}")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
