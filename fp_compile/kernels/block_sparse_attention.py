@@ -1,0 +1,308 @@
+"""Triton block-sparse flash-attention forward of FlashPrefill.
+
+Computes exactly ``reference.block_sparse_attention_reference``: causal softmax attention of
+every query row over the key blocks its query block keeps (FlexAttention's compact BlockMask
+layout), optionally with FlashPrefill V2's mean correction.
+
+Structure (after Triton's fused-attention tutorial): one program per (batch * query head,
+query tile of BLOCK_M rows). A query tile lies inside one selection block i, so all its rows
+share one kept list. The program keeps (acc, row max m, row sum l) of an online softmax in
+exp2 form (scale * log2(e) folded into one multiply) and walks, in this order:
+
+1. the kept blocks j < i: fully visible and full (only the last block can be partial, and it
+   is never before a diagonal), so no masks; one flat loop over (kept entry, BLOCK_N sub-tile)
+   whose bound comes from ``kv_num_blocks`` loaded in the kernel (no host sync, CUDA-graph
+   safe);
+2. the diagonal block, when kept: key sub-tiles that end before the tile's first row without
+   masks, then the sub-tiles that cross the tile with the causal and sequence-end masks; key
+   sub-tiles after the tile's last row are skipped;
+3. with MEAN_CORRECTION, the skipped blocks j < i as one pseudo-token each (logit
+   scale * q . kmean_j + log(count_j), value vmean_j), BLOCK_J blocks per step, in the same
+   online softmax. The kept mask of a chunk of blocks is rebuilt from the sorted kept list
+   with a sliding window of BLOCK_J entries (a chunk can hold at most BLOCK_J kept entries).
+
+Entries of a kept list at or after the diagonal other than the diagonal itself are ignored,
+as in the reference. Query head h reads kv head h // (H // Hkv); k and v are never copied.
+Dots take q's dtype with fp32 accumulation; fp32 inputs use TF32 only when
+``torch.backends.cuda.matmul.allow_tf32`` is set (torch's own rule for matmuls), else IEEE.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from . import reference as ref
+
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _softmax_update(acc, m_i, l_i, s, v, SAFE: tl.constexpr):
+    """One online-softmax step.
+
+    acc (BLOCK_M, DP) fp32, m_i / l_i (BLOCK_M,) fp32 running max / sum (log2 units);
+    s (BLOCK_M, BLOCK_N) fp32 logits already scaled to log2 units, -inf where masked;
+    v (BLOCK_N, DP) values. SAFE: a row may have seen only -inf so far; subtract 0 instead of
+    -inf there so that exp2 gives 0, not NaN.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_sub = m_new
+    if SAFE:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_sub)
+    p = tl.math.exp2(s - m_sub[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vmean_ptr,
+                    sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                    sob, soh, sos, sod, snb, snh, snm, sib, sih, sim, sin,
+                    S, H, G, qk_scale,
+                    D: tl.constexpr, DP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+                    MEAN_CORRECTION: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (B * H, cdiv(S, BLOCK_M)); writes out[b, h, tile rows, :D].
+
+    q (B, H, S, D), k / v (B, H // G, S, D), out (B, H, S, D), any strides;
+    num (B, H, M) and idx (B, H, M, M) int32 (strides may be 0 to broadcast);
+    kmean / vmean contiguous (B, H // G, M, D), read only with MEAN_CORRECTION.
+    """
+    tl.static_assert(BLOCK_SIZE % BLOCK_M == 0, "a query tile must lie in one selection block")
+    tl.static_assert(BLOCK_SIZE % BLOCK_N == 0, "a key tile must lie in one selection block")
+    tl.static_assert(DP >= D)
+    SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    PAD_D: tl.constexpr = DP != D
+
+    pid_bh = tl.program_id(0)
+    # Last query tiles first: they keep the most blocks (last_dense rows keep them all), so
+    # starting them first shortens the tail of the launch.
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    i = start_m // BLOCK_SIZE
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    kvh = h // G
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, DP)
+    d_ok = offs_d < D
+    q_mask = (offs_m < S)[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqs
+                + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+    k_base = k_ptr + b * skb + kvh * skh
+    v_base = v_ptr + b * svb + kvh * svh
+    k_tile = offs_n[:, None] * sks + offs_d[None, :] * skd  # (BLOCK_N, DP)
+    v_tile = offs_n[:, None] * svs + offs_d[None, :] * svd
+    kv_d_mask = d_ok[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
+
+    num = tl.load(num_ptr + b * snb + h * snh + i * snm)
+    idx_row = idx_ptr + b * sib + h * sih + i.to(tl.int64) * sim
+    # n_full = number of kept entries before the diagonal; the list is ascending, so trim the
+    # entries >= i from its end (normally only the diagonal).
+    n_full = num
+    last = tl.load(idx_row + (n_full - 1) * sin, mask=n_full > 0, other=-1)
+    while last >= i:
+        n_full -= 1
+        last = tl.load(idx_row + (n_full - 1) * sin, mask=n_full > 0, other=-1)
+
+    # 1. Kept blocks before the diagonal: full and fully visible.
+    for t in range(0, n_full * SUB):
+        j = tl.load(idx_row + (t // SUB) * sin)
+        start_n = (j * BLOCK_SIZE + (t % SUB) * BLOCK_N).to(tl.int64)
+        if PAD_D:
+            k = tl.load(k_base + start_n * sks + k_tile, mask=kv_d_mask, other=0.0)
+            v = tl.load(v_base + start_n * svs + v_tile, mask=kv_d_mask, other=0.0)
+        else:
+            k = tl.load(k_base + start_n * sks + k_tile)
+            v = tl.load(v_base + start_n * svs + v_tile)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, False)
+
+    # 2. The diagonal block, if kept (the first entry at or after i, when it equals i).
+    first_after = tl.load(idx_row + n_full * sin, mask=n_full < num, other=-1)
+    # int64 bounds make the loop variables (key offsets) int64 when compiled.
+    diag_lo = i.to(tl.int64) * BLOCK_SIZE
+    # Key sub-tiles ending at or before start_m are fully visible; the rest up to the tile's
+    # last row (or S) need the causal / sequence-end mask; later sub-tiles see nothing.
+    mask_lo = diag_lo + ((start_m - diag_lo) // BLOCK_N) * BLOCK_N
+    diag_hi = tl.where(first_after == i, tl.minimum(start_m + BLOCK_M, S), diag_lo)
+    open_hi = tl.where(first_after == i, mask_lo, diag_lo)
+    for start_n in range(diag_lo, open_hi, BLOCK_N):
+        if PAD_D:
+            k = tl.load(k_base + start_n * sks + k_tile, mask=kv_d_mask, other=0.0)
+            v = tl.load(v_base + start_n * svs + v_tile, mask=kv_d_mask, other=0.0)
+        else:
+            k = tl.load(k_base + start_n * sks + k_tile)
+            v = tl.load(v_base + start_n * svs + v_tile)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, False)
+    for start_n in range(mask_lo, diag_hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < S
+        kv_mask = col_ok[:, None] & kv_d_mask
+        k = tl.load(k_base + start_n * sks + k_tile, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + start_n * svs + v_tile, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        visible = (cols[None, :] <= offs_m[:, None]) & col_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, True)
+
+    # 3. Mean correction: every skipped block j < i as one pseudo-token.
+    if MEAN_CORRECTION:
+        M = tl.cdiv(S, BLOCK_SIZE)
+        mean_base = (b * (H // G) + kvh) * M * D
+        offs_j = tl.arange(0, BLOCK_J)
+        md_tile = offs_j[:, None] * D + offs_d[None, :]
+        pos = tl.zeros([], dtype=tl.int32)  # first kept entry not yet matched to a chunk
+        for j0 in range(0, i, BLOCK_J):
+            js = j0 + offs_j
+            window = pos + offs_j
+            ent = tl.load(idx_row + window * sin, mask=window < n_full, other=-1)
+            kept = tl.max((ent[None, :] == js[:, None]).to(tl.int32), axis=1) != 0
+            pos += tl.sum(((ent >= 0) & (ent < j0 + BLOCK_J)).to(tl.int32), axis=0)
+            skipped = (js < i) & ~kept
+            m_mask = (js < i)[:, None] & d_ok[None, :]
+            km = tl.load(kmean_ptr + mean_base + j0 * D + md_tile, mask=m_mask, other=0.0)
+            vm = tl.load(vmean_ptr + mean_base + j0 * D + md_tile, mask=m_mask, other=0.0)
+            count = tl.minimum(S - js * BLOCK_SIZE, BLOCK_SIZE).to(tl.float32)
+            s = tl.dot(q, tl.trans(km.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+            # log(count) in log2 units; masked where the block is kept or not before i.
+            s = tl.where(skipped[None, :], s + tl.log2(tl.maximum(count, 1.0))[None, :],
+                         float("-inf"))
+            acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, vm.to(q.dtype), True)
+
+    # Rows that saw nothing (no kept block) get 0 / 0 = NaN, as the reference's softmax.
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None].to(tl.int64) * sos
+             + offs_d[None, :] * sod, out.to(o_ptr.dtype.element_ty), mask=q_mask)
+
+
+# GPU configs (BLOCK_M, BLOCK_N, num_warps, num_stages). Checked with ptxas for sm_90
+# (Triton 3.6): the 16-bit ones do not spill registers at D <= 128 and fit the H200's 227 KiB
+# of shared memory; 128-row tiles need 8 warps (4 spill at D = 128). fp32 tiles take twice
+# the shared memory, hence their own (smaller) lists; fp32 is not the fast path.
+_TILES = {
+    (2, 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+               (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)],
+    (2, 256): [(128, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2)],
+    (4, 128): [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+    (4, 256): [(64, 32, 8, 2), (64, 32, 4, 2)],
+}
+
+
+def _gpu_tiles(block_size: int, head_dim_p2: int, elt_bytes: int):
+    """The GPU configs for this (dtype size, D) whose tiles lie inside one selection block."""
+    tiles = _TILES[(min(elt_bytes, 4), 128 if head_dim_p2 <= 128 else 256)]
+    fit = [t for t in tiles if t[0] <= block_size and t[1] <= block_size]
+    # Selection blocks of 16 or 32 tokens: one tile per block.
+    return fit or [(block_size, block_size, 4, 2), (block_size, block_size, 4, 3)]
+
+
+def _block_j(head_dim_p2: int) -> int:
+    """Key blocks per mean-correction step (16 when interpreting, so tests cross chunks)."""
+    return 16 if _interpreting() or head_dim_p2 > 128 else 32
+
+
+_AUTOTUNED: dict[tuple[int, int, int], object] = {}
+
+
+def _autotuned_kernel(block_size: int, head_dim_p2: int, elt_bytes: int):
+    """An autotuned variant of the kernel over the configs that fit (cached per key).
+
+    The candidate lists differ by block size, D and dtype size, so each gets its own
+    autotuner (instead of a prune hook) — a plain object that wrap_triton and Inductor take.
+    """
+    key = (block_size, head_dim_p2, elt_bytes)
+    if key not in _AUTOTUNED:
+        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                   for bm, bn, w, s in _gpu_tiles(block_size, head_dim_p2, elt_bytes)]
+        _AUTOTUNED[key] = triton.autotune(configs=configs, key=["D", "BLOCK_SIZE"])(
+            _bsa_fwd_kernel)
+    return _AUTOTUNED[key]
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+                           scale: float, block_size: int, *, mean_correction: bool = False,
+                           kmean: torch.Tensor | None = None, vmean: torch.Tensor | None = None,
+                           tile: tuple[int, int, int, int] | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention over the kept key blocks. Returns (B, H, S, D) in q's dtype.
+
+    q (B, H, S, D); k, v (B, Hkv, S, D), H % Hkv == 0; any strides; fp16/bf16/fp32 (fp64 runs
+    the reference). kv_num_blocks (B, H, M) int32, kv_indices (B, H, M, M) int32, M =
+    ceil(S / block_size): each row's first kv_num_blocks entries are its kept key blocks,
+    ascending. mean_correction: skipped blocks before the diagonal enter as pseudo-tokens;
+    kmean / vmean (B, Hkv, M, D) block means (computed here when None).
+    tile: (BLOCK_M, BLOCK_N, num_warps, num_stages) to bypass autotuning (benchmarks, tests).
+    out: optional (B, H, S, D) buffer of q's dtype, any strides, written in full and returned.
+    """
+    if q.dtype == torch.float64:
+        res = block_sparse_attention_reference(q, k, v, kv_num_blocks, kv_indices, scale,
+                                               block_size, mean_correction)
+        return res if out is None else out.copy_(res)
+    B, H, S, D = q.shape
+    Hkv = k.shape[1]
+    if mean_correction:
+        if kmean is None or vmean is None:
+            kmean, vmean, _ = ref.key_block_stats(k, v, block_size)
+        kmean = kmean.to(torch.float32).contiguous()
+        vmean = vmean.to(torch.float32).contiguous()
+    else:
+        kmean = vmean = q  # never read
+    if out is None:
+        out = q.new_empty(q.shape)  # no fill: the kernel writes every element
+    DP = max(16, triton.next_power_of_2(int(D)))
+    precision = "ieee"
+    if q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
+        precision = "tf32"  # the default; only fp32 operands care
+    args = (q, k, v, out, kv_num_blocks, kv_indices, kmean, vmean,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *kv_num_blocks.stride(), *kv_indices.stride(),
+            S, H, H // Hkv, float(scale) * _LOG2E)
+    consts = dict(D=D, DP=DP, BLOCK_SIZE=block_size, BLOCK_J=_block_j(DP),
+                  MEAN_CORRECTION=bool(mean_correction), DOT_PRECISION=precision)
+    if tile is None and _interpreting():
+        # Autotune cannot run without a GPU; small tiles keep the interpreter quick.
+        bm = min(block_size, 32)
+        tile = (bm, bm, 4, 1)
+    if tile is not None:
+        bm, bn, warps, stages = tile
+        grid = (B * H, triton.cdiv(S, bm))
+        wrap_triton(_bsa_fwd_kernel)[grid](*args, BLOCK_M=bm, BLOCK_N=bn, **consts,
+                                           num_warps=warps, num_stages=stages)
+        return out
+
+    # Heads on axis 0 so that the first wave of programs holds every head's heaviest (last)
+    # query tiles; the kernel reverses axis 1. S and H may be SymInts under torch.compile.
+    def grid(meta):
+        return (B * H, triton.cdiv(S, meta["BLOCK_M"]))
+
+    wrap_triton(_autotuned_kernel(block_size, DP, q.element_size()))[grid](*args, **consts)
+    return out
+
+
+def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                     kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+                                     scale: float, block_size: int,
+                                     mean_correction: bool = False) -> torch.Tensor:
+    """Plain-torch definition of ``block_sparse_attention`` (same arguments and output)."""
+    return ref.block_sparse_attention_reference(q, k, v, kv_num_blocks, kv_indices, scale,
+                                                block_size, mean_correction)

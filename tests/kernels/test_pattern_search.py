@@ -1,0 +1,277 @@
+"""The Triton pattern search against its plain-torch definition (reference.py).
+
+CPU: runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), small shapes,
+fp32/fp16 only (bf16 dots are wrong in the interpreter). GPU-marked tests run long sequences.
+"""
+
+import functools
+import math
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from fp_compile.kernels import reference as ref
+from fp_compile.kernels.pattern_search import (block_means, pattern_search,
+                                               pattern_search_reference)
+from fp_compile.synthetic import planted_qkv
+from tests.helpers import assert_close
+
+
+
+def gpu(test):
+    """Marks a test that needs a CUDA GPU (skipped without one)."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    return pytest.mark.gpu(skip(test))
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def aligned_qk(B, H, Hkv, S, D, dtype, seed=0, device=DEVICE):
+    """Random q/k plus a few key blocks' worth of keys aligned with a shared query direction.
+
+    Random q/k alone give near-uniform block scores (every block kept at moderate alpha); the
+    aligned keys give rows a few clear winners, so thresholds actually drop blocks.
+    """
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, S, D, generator=g)
+    k = torch.randn(B, Hkv, S, D, generator=g)
+    u = torch.randn(D, generator=g)
+    u = u / u.norm()
+    q += 2.0 * u  # every query leans on u
+    heavy = torch.rand(B, Hkv, S, generator=g) < 0.08
+    k += heavy[..., None] * (3.0 * math.sqrt(D)) * u
+    return q.to(device, dtype), k.to(device, dtype)
+
+
+def assert_same_selection(got, expected, max_diff_fraction=0.0):
+    """Compact selections equal (up to a fraction of differing kept pairs) and well formed."""
+    num, idx = got
+    rnum, ridx = expected
+    assert num.shape == rnum.shape and idx.shape == ridx.shape
+    assert num.dtype == idx.dtype == torch.int32
+    M = idx.shape[-1]
+    slot = torch.arange(M, device=idx.device)
+    used = slot < num[..., None]
+    assert (idx[~used] == 0).all(), "unused kv_indices entries must be 0"
+    nxt = torch.cat([idx[..., 1:], idx.new_full(idx.shape[:-1] + (1,), M)], dim=-1)
+    assert ((nxt > idx) | ~used | ~(slot + 1 < num[..., None])).all(), "rows not ascending"
+    keep, rkeep = ref.expand_indices(num, idx), ref.expand_indices(rnum, ridx)
+    diff = keep != rkeep
+    causal = num.numel() * (M + 1) // 2
+    if max_diff_fraction == 0.0:
+        if diff.any():
+            where = diff.nonzero()[0].tolist()
+            raise AssertionError(
+                f"{int(diff.sum())} kept (query block, key block) pairs differ; first at "
+                f"(b, h, i, j) = {where}: kernel keeps {bool(keep[tuple(where)])}")
+        assert torch.equal(num, rnum) and torch.equal(idx, ridx)
+    else:
+        frac = diff.sum().item() / causal
+        assert frac <= max_diff_fraction, f"{frac:.2e} of the causal block pairs differ"
+
+
+def density(num, M):
+    return num.sum().item() / (num.numel() * (M + 1) / 2)
+
+
+# (B, H, Hkv, S, D, block_size, dtype, alpha, sink, window, last_dense, gqa_shared)
+CASES = [
+    (1, 1, 1, 100, 16, 16, torch.float32, 0.1, 1, 1, 0, False),
+    (2, 4, 2, 200, 24, 16, torch.float32, 0.5, 2, 2, 1, False),   # D not a power of two
+    (1, 4, 1, 150, 40, 16, torch.float16, 0.3, 1, 2, 1, True),    # GQA 4, shared
+    (2, 2, 1, 130, 32, 32, torch.float16, 0.5, 0, 1, 0, False),   # no sinks, no dense rows
+    (1, 2, 2, 300, 64, 16, torch.float32, 0.0, 2, 4, 2, False),   # alpha 0: every causal block
+    (1, 4, 2, 250, 48, 16, torch.float32, 0.5, 1, 1, 2, True),    # shared, 2 groups
+    (2, 2, 1, 20, 16, 32, torch.float32, 0.5, 1, 1, 0, False),    # S < block_size
+    (1, 2, 1, 33, 16, 16, torch.float16, 1.0, 0, 1, 0, True),     # alpha 1: row max only
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}H{}kv{}S{}D{}bs{}-{}-a{}-{}{}{}{}".format(
+    *c[:6], str(c[6])[6:], *c[7:]))
+def test_matches_reference_on_aligned_inputs(case):
+    B, H, Hkv, S, D, bs, dtype, alpha, sink, window, last, shared = case
+    q, k = aligned_qk(B, H, Hkv, S, D, dtype, seed=S + D)
+    args = (q, k, 1 / math.sqrt(D), bs, alpha, sink, window, last)
+    got = pattern_search(*args, gqa_shared=shared)
+    expected = pattern_search_reference(*args, gqa_shared=shared)
+    assert_same_selection(got, expected)
+    M = ref.cdiv(S, bs)
+    if alpha == 0.0:
+        assert density(got[0], M) == 1.0
+
+
+def test_selection_is_nontrivial_and_matches_on_planted_structure():
+    q, k, _ = planted_qkv(1, 4, 2, 384, 32, seed=2, dtype=torch.float32, device=DEVICE)
+    args = (q, k, 1 / math.sqrt(32), 16, 0.3, 1, 1, 1)
+    for shared in (False, True):
+        got = pattern_search(*args, gqa_shared=shared)
+        assert_same_selection(got, pattern_search_reference(*args, gqa_shared=shared))
+    assert density(got[0], 24) < 0.7, "the test input should make the threshold drop blocks"
+
+
+def test_aligned_inputs_drop_blocks():
+    # Guards the inputs of the parametrized test: they must not make selection trivial.
+    q, k = aligned_qk(2, 4, 2, 200, 24, torch.float32, seed=224)
+    num, _ = pattern_search(q, k, 1 / math.sqrt(24), 16, 0.5, 2, 2, 1)
+    assert density(num, 13) < 0.8
+
+
+@st.composite
+def shapes(draw):
+    groups = draw(st.sampled_from([1, 2, 4]))
+    kv_heads = draw(st.integers(1, 2))
+    block = draw(st.sampled_from([16, 32]))
+    seq = draw(st.integers(1, 4 * block + 5))
+    head_dim = draw(st.sampled_from([16, 24, 40, 64]))
+    batch = draw(st.integers(1, 2))
+    return batch, kv_heads * groups, kv_heads, seq, head_dim, block
+
+
+@settings(max_examples=12, deadline=None)
+@given(shapes(), st.sampled_from([0.0, 0.1, 0.5, 0.9]), st.integers(0, 2), st.integers(1, 3),
+       st.integers(0, 2), st.booleans(), st.sampled_from([torch.float32, torch.float16]),
+       st.integers(0, 2**16))
+@example((1, 1, 1, 1, 16, 16), 0.5, 1, 1, 0, False, torch.float32, 0)      # one token
+@example((2, 8, 2, 47, 24, 16), 0.1, 0, 1, 0, True, torch.float16, 7)      # GQA 4, partial
+def test_matches_reference_property(shape, alpha, sink, window, last, shared, dtype, seed):
+    B, H, Hkv, S, D, bs = shape
+    q, k = aligned_qk(B, H, Hkv, S, D, dtype, seed=seed)
+    args = (q, k, 0.7 / math.sqrt(D), bs, alpha, sink, window, last)
+    assert_same_selection(pattern_search(*args, gqa_shared=shared),
+                          pattern_search_reference(*args, gqa_shared=shared))
+
+
+def test_strided_inputs():
+    # Models hand over q/k as (B, S, H, D) transposed views; never copied by the kernel.
+    qs, ks = aligned_qk(1, 4, 2, 90, 32, torch.float32, seed=3)
+    q = qs.transpose(1, 2).contiguous().transpose(1, 2)
+    k = ks.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    args = (q, k, 0.2, 16, 0.4, 1, 1, 0)
+    assert_same_selection(pattern_search(*args), pattern_search_reference(*args))
+
+
+def test_nan_scores_keep_blocks_like_the_reference():
+    q, k = aligned_qk(1, 2, 1, 96, 16, torch.float32, seed=4)
+    q[0, 1, 70] = float("nan")  # query block 4 of head 1: every score of its row is NaN
+    args = (q, k, 0.25, 16, 0.9, 0, 1, 0)
+    got = pattern_search(*args)
+    assert_same_selection(got, pattern_search_reference(*args))
+    assert got[0][0, 1, 4] == 5 and got[0][0, 0, 4] < 5
+    q[0, 1, 70] = 1.0
+    k[0, 0, 20] = float("nan")  # key block 1: a NaN score in every later row keeps those rows
+    got = pattern_search(*args)
+    assert_same_selection(got, pattern_search_reference(*args))
+    assert torch.equal(got[0][0, :, 2:], torch.arange(3, 7, dtype=torch.int32).expand(2, 4))
+
+
+def test_unused_entries_are_overwritten():
+    # The output comes from torch.empty: every entry must be written, whatever was there.
+    q, k = aligned_qk(1, 2, 2, 120, 16, torch.float32, seed=5)
+    args = (q, k, 0.25, 16, 0.6, 1, 1, 0)
+    expected = pattern_search_reference(*args)
+    for _ in range(2):
+        junk = torch.full((1 << 16,), -7, dtype=torch.int32, device=DEVICE)  # dirty the allocator
+        del junk
+        assert_same_selection(pattern_search(*args), expected)
+
+
+@pytest.mark.parametrize("S,D,bs,dtype", [(100, 16, 16, torch.float32), (47, 40, 32, torch.float16),
+                                          (5, 24, 16, torch.float32), (256, 64, 32, torch.float16)])
+def test_block_means(S, D, bs, dtype):
+    g = torch.Generator().manual_seed(S)
+    k = (torch.randn(2, 3, S, D, generator=g) + 1.5).to(DEVICE, dtype)
+    v = torch.randn(2, 3, S, D, generator=g).to(DEVICE, dtype)
+    kmean = block_means(k, bs)
+    assert kmean.dtype == torch.float32 and kmean.shape == (2, 3, ref.cdiv(S, bs), D)
+    assert_close(kmean, ref.key_block_means(k, bs), 1e-6, 1e-5, "kmean")
+    km2, vmean = block_means(k.transpose(1, 2).contiguous().transpose(1, 2), bs, v)
+    assert_close(km2, kmean, 1e-6, 1e-5, "kmean of strided k")
+    assert_close(vmean, ref.key_block_means(v, bs), 1e-6, 1e-5, "vmean")
+
+
+@gpu
+def test_traces_with_symbolic_shapes():
+    # What torch.compile needs: no host sync, no data-dependent Python, SymInt-safe shapes.
+    # (GPU only: under TRITON_INTERPRET=1 wrap_triton hands back the raw kernel, untraceable.)
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    q, k = aligned_qk(1, 4, 2, 100, 32, torch.float32, seed=6)
+    fn = functools.partial(pattern_search, scale=0.2, block_size=16, alpha=0.3, sink_blocks=1,
+                           window_blocks=2, last_dense_blocks=1, gqa_shared=True)
+    gm = make_fx(fn, tracing_mode="symbolic")(q, k)
+    assert "triton_kernel_wrapper" in gm.code
+    q2, k2 = aligned_qk(1, 4, 2, 77, 32, torch.float32, seed=7)
+    assert_same_selection(gm(q2, k2), pattern_search_reference(
+        q2, k2, 0.2, 16, 0.3, 1, 2, 1, gqa_shared=True))
+
+
+# ---------------------------------------------------------------------------- GPU (the lead runs)
+
+GPU_CASES = [  # (H, Hkv, S, D, dtype, max differing fraction)
+    (8, 2, 4096, 64, torch.bfloat16, 2e-3),
+    (8, 8, 8192, 128, torch.float16, 1e-3),
+    (4, 1, 16384, 128, torch.bfloat16, 2e-3),
+    (4, 2, 4096, 80, torch.float32, 1e-5),
+    (2, 2, 8191, 128, torch.float32, 1e-5),
+]
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("alpha", [0.12, 0.5])
+@gpu
+def test_gpu_matches_reference(case, shared, alpha):
+    H, Hkv, S, D, dtype, tol = case
+    q, k, _ = planted_qkv(1, H, Hkv, S, D, seed=S, dtype=dtype, device="cuda")
+    args = (q, k, 1 / math.sqrt(D), 128, alpha, 2, 4, 2)
+    got = pattern_search(*args, gqa_shared=shared)
+    expected = pattern_search_reference(*args, gqa_shared=shared)
+    assert_same_selection(got, expected, max_diff_fraction=tol)
+    M = ref.cdiv(S, 128)
+    assert density(got[0], M) < 0.9
+
+
+@gpu
+@pytest.mark.parametrize("block_size,D", [(64, 256), (128, 96), (32, 64)])
+def test_gpu_block_sizes_and_head_dims(block_size, D):
+    q, k, _ = planted_qkv(2, 4, 2, 3000, D, seed=1, dtype=torch.float16, device="cuda")
+    args = (q, k, 1 / math.sqrt(D), block_size, 0.2, 1, 2, 1)
+    assert_same_selection(pattern_search(*args), pattern_search_reference(*args),
+                          max_diff_fraction=2e-3)
+
+
+@gpu
+def test_gpu_torch_compile():
+    torch._dynamo.reset()
+    q, k, _ = planted_qkv(1, 8, 2, 4096, 128, seed=5, dtype=torch.bfloat16, device="cuda")
+    fn = functools.partial(pattern_search, scale=1 / math.sqrt(128), block_size=128, alpha=0.12,
+                           sink_blocks=2, window_blocks=4, last_dense_blocks=2)
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    eager = fn(q, k)
+    assert_same_selection(compiled(q, k), eager)
+    q2, k2, _ = planted_qkv(1, 8, 2, 5000, 128, seed=6, dtype=torch.bfloat16, device="cuda")
+    assert_same_selection(compiled(q2, k2), fn(q2, k2))  # one graph for both lengths
+
+
+@gpu
+def test_gpu_op_under_torch_compile_runs_the_kernel():
+    from torch._inductor.utils import run_and_get_code
+
+    import fp_compile  # noqa: F401  (registers the op)
+    from fp_compile import FlashPrefillConfig, flash_prefill
+
+    torch._dynamo.reset()
+    config = FlashPrefillConfig(min_seq_len=0, kernel="triton")
+    q, k, v = planted_qkv(1, 8, 2, 4096, 128, seed=7, dtype=torch.bfloat16, device="cuda")
+
+    def attend(q, k, v):
+        return flash_prefill(q, k, v, enable_gqa=True, config=config)
+
+    out, code = run_and_get_code(torch.compile(attend, fullgraph=True), q, k, v)
+    assert "_pattern_search_kernel" in "\n".join(code)
+    assert_close(out, attend(q, k, v), 2e-2, 2e-2, "compiled op vs eager op")
