@@ -1,0 +1,223 @@
+"""The "flashprefill" torch.compile backend: rewrite + Inductor, options, modes, config hygiene,
+lookup by name through the entry point, and a tiny Hugging Face Llama."""
+
+import functools
+import importlib.metadata
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+from torch._inductor.utils import run_and_get_code
+
+from fp_compile import FlashPrefillConfig, make_backend
+from fp_compile.backend import flashprefill_backend, last_report, mode_config_patches
+from fp_compile.ops import OP_CONFIG_FIELDS
+from tests.helpers import assert_close
+
+EXACT = {"alpha": 0.0, "block_size": 16, "min_seq_len": 0}
+OP = torch.ops.fp_compile.flash_prefill.default
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+    counters.clear()
+
+
+class TwoLayers(torch.nn.Module):
+    """Layer 0: causal GQA prefill (rewritten); layer 1: explicit mask (left dense)."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.heads, self.kv_heads, self.hd = heads, kv_heads, dim // heads
+        self.proj = torch.nn.ModuleList(
+            torch.nn.Linear(dim, (heads + 2 * kv_heads) * self.hd) for _ in range(2))
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        mask = torch.ones(S, S, dtype=torch.bool, device=x.device).tril(-1)
+        mask[:, 0] = True
+        for layer, proj in enumerate(self.proj):
+            q, k, v = proj(x).view(B, S, -1, self.hd).transpose(1, 2).split(
+                [self.heads, self.kv_heads, self.kv_heads], dim=1)
+            if layer == 0:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            x = x + y.transpose(1, 2).reshape(B, S, -1)
+        return x
+
+
+def model_and_input(S=70, seed=0):
+    torch.manual_seed(seed)
+    return TwoLayers().eval(), torch.randn(2, S, 32)
+
+
+def test_inductor_compile_matches_eager_and_leaves_global_config_alone():
+    model, x = model_and_input()
+    inductor_before = torch._inductor.config.get_config_copy()
+    dynamo_before = torch._dynamo.config.get_config_copy()
+    # mode and options together: only reachable by calling the backend directly
+    backend = functools.partial(flashprefill_backend, mode="reduce-overhead", options=EXACT)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        got, (code,) = run_and_get_code(compiled, x)
+        want = model(x)
+    assert_close(got, want, 1e-4, 1e-4)
+    assert counters["flashprefill"]["sdpa_rewritten"] == 1
+    assert counters["flashprefill"]["sdpa_skipped"] == 1
+    report = last_report()
+    assert [r.layer for r in report.rewritten] == [0]
+    assert [(s.layer, s.reason) for s in report.skipped] == [(1, "attn_mask given")]
+    # on CPU the op's body is the opaque fp_compile::flash_prefill_eager, called from the code
+    assert "flash_prefill_eager" in code
+    assert torch._inductor.config.get_config_copy() == inductor_before
+    assert torch._dynamo.config.get_config_copy() == dynamo_before
+
+
+def test_unknown_option_raises_listing_valid_options():
+    model, x = model_and_input(S=20)
+    gm = torch.fx.symbolic_trace(torch.nn.Identity())
+    with pytest.raises(ValueError, match="alpah.*valid options.*block_size"):
+        flashprefill_backend(gm, [x], options={"alpah": 0.1})
+    with pytest.raises(Exception, match="alpah"):
+        torch.compile(model, backend=flashprefill_backend, options={"alpah": 0.1})(x)
+    with pytest.raises(ValueError, match="alpha"):
+        flashprefill_backend(gm, [x], options={"alpha": 2.0})
+
+
+def test_mode_maps_onto_inductor_settings():
+    assert mode_config_patches(None) == {}
+    assert mode_config_patches("default") == {}
+    assert mode_config_patches("reduce-overhead") == {"triton.cudagraphs": True}
+    assert mode_config_patches("max-autotune") == torch._inductor.list_mode_options(
+        "max-autotune")
+    assert mode_config_patches("max-autotune")["max_autotune"] is True
+    with pytest.raises(RuntimeError, match="mode"):
+        mode_config_patches("fastest-please")
+
+
+@pytest.fixture
+def fake_inductor(monkeypatch):
+    """compile_fx replaced by a recorder that runs the (rewritten) graph as is."""
+    calls = []
+
+    def compile_fx(gm, example_inputs, config_patches=None, **kwargs):
+        calls.append((gm, config_patches))
+        return gm.forward
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", compile_fx)
+    return calls
+
+
+def test_options_and_mode_reach_the_op_and_inductor(fake_inductor):
+    model, x = model_and_input()
+    with torch.no_grad():
+        torch.compile(model, backend="flashprefill" if _entry_point_installed()
+                      else flashprefill_backend, mode="max-autotune")(x)
+        torch._dynamo.reset()
+        opts = dict(EXACT, alpha=0.25, block_size=32)
+        torch.compile(model, backend=flashprefill_backend, options=opts)(x)
+    (_, patches_mode), (gm, patches_opts) = fake_inductor
+    assert patches_mode == torch._inductor.list_mode_options("max-autotune")
+    assert patches_opts == {}
+    (node,) = [n for n in gm.graph.nodes if n.target is OP]
+    args = dict(zip(OP_CONFIG_FIELDS, node.args[4:]))
+    assert (args["alpha"], args["block_size"], args["min_seq_len"]) == (0.25, 32, 0)
+
+
+def test_make_backend_binds_a_config_object(fake_inductor):
+    model, x = model_and_input()
+    cfg = FlashPrefillConfig(alpha=0.0, block_size=16, min_seq_len=0, dense_layers=(0,))
+    with torch.no_grad():
+        got = torch.compile(model, backend=make_backend(cfg), fullgraph=True)(x)
+        assert_close(got, model(x), 1e-5, 1e-5)
+        torch._dynamo.reset()
+        # options given to torch.compile override the bound config
+        torch.compile(model, backend=make_backend(cfg), options={"dense_layers": ()})(x)
+    (gm0, _), (gm1, _) = fake_inductor
+    assert not [n for n in gm0.graph.nodes if n.target is OP]
+    assert last_report().rewritten[0].layer == 0
+    assert len([n for n in gm1.graph.nodes if n.target is OP]) == 1
+    with pytest.raises(TypeError):
+        make_backend({"alpha": 0.1})
+    with pytest.raises(ValueError, match="valid options"):
+        make_backend(cfg)(gm0, [x], options={"nope": 1})
+
+
+def test_graph_needing_grad_stays_dense_and_backward_matches_eager():
+    model, x = model_and_input(S=40)
+    compiled = torch.compile(model, backend=flashprefill_backend, options=EXACT)
+    compiled(x).square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    assert counters["flashprefill"]["sdpa_rewritten"] == 0
+    assert {s.reason for s in last_report().skipped} == {"requires grad", "attn_mask given"}
+    model.zero_grad()
+    model(x).square().sum().backward()
+    for got, p in zip(grads, model.parameters()):
+        assert_close(got, p.grad, 1e-4, 1e-4, "grad")
+
+
+def _entry_point_installed() -> bool:
+    return any(e.name == "flashprefill"
+               for e in importlib.metadata.entry_points(group="torch_dynamo_backends"))
+
+
+@pytest.mark.skipif(not _entry_point_installed(),
+                    reason="fp_compile not pip-installed (no torch_dynamo_backends entry point)")
+def test_backend_by_name_through_the_entry_point(tmp_path):
+    script = textwrap.dedent("""
+        import sys
+        import torch
+        import torch.nn.functional as F
+        from torch._dynamo.utils import counters
+
+        def attn(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, 4, 50, 16, generator=g)
+        k, v = torch.randn(2, 1, 2, 50, 16, generator=g)
+        assert "fp_compile" not in sys.modules
+        compiled = torch.compile(attn, backend="flashprefill", fullgraph=True,
+                                 options={"alpha": 0.0, "block_size": 16, "min_seq_len": 0})
+        err = (compiled(q, k, v) - attn(q, k, v)).abs().max().item()
+        assert "fp_compile" in sys.modules, "the entry point should have imported fp_compile"
+        assert counters["flashprefill"]["sdpa_rewritten"] == 1, dict(counters["flashprefill"])
+        assert err < 1e-5, err
+        print("OK", err)
+    """)
+    env = dict(os.environ)
+    # an editable install finds the source tree by itself; this covers a plain checkout too
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr[-4000:]
+
+
+def test_tiny_hf_llama_prefill_every_layer_rewritten():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(1, 128, (1, 75), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.compile(model, backend=make_backend(FlashPrefillConfig(**EXACT)))(ids).logits
+    report = last_report()
+    assert [r.layer for r in report.rewritten] == [0, 1], report
+    assert not report.skipped, report
+    assert counters["flashprefill"]["sdpa_rewritten"] == 2
+    assert_close(got, want, 1e-4, 1e-4, "logits")
