@@ -18,6 +18,7 @@ _KERNELS = ("auto", "triton", "reference")
 _BEYOND_PAPER_OFF: dict[str, Any] = {
     "mean_correction": False,
     "gqa_shared": False,
+    "vertical_slash": False,
 }
 
 
@@ -37,6 +38,11 @@ class FlashPrefillConfig:
         mean_correction: FlashPrefill V2's zero-order correction: each skipped key block fully
             before the query block enters the softmax as one pseudo-token.
         gqa_shared: query heads of one kv group share one kept set (the union).
+        vertical_slash: add the key blocks of heavy single-key columns and heavy diagonals
+            (slash lines), found from the exact attention of the last query block, to every
+            query block they reach: what mean-pooled block scores dilute.
+        vs_threshold: a column or diagonal is heavy when it holds at least this share of the
+            last query block's attention mass (diagonals: beyond what columns explain).
         dense_layers: SDPA-call indices (order of calls in the model) that stay dense.
         layer_alpha: per-layer alpha overrides, as ``((layer, alpha), ...)``.
         collect_stats: record per-layer, per-head density of every prefill (off: no cost).
@@ -51,6 +57,8 @@ class FlashPrefillConfig:
     kernel: str = "auto"
     mean_correction: bool = False
     gqa_shared: bool = False
+    vertical_slash: bool = False
+    vs_threshold: float = 0.015
     dense_layers: tuple[int, ...] = ()
     layer_alpha: tuple[tuple[int, float], ...] = ()
     collect_stats: bool = False
@@ -77,7 +85,8 @@ class FlashPrefillConfig:
             raise ValueError(
                 f"FlashPrefillConfig.kernel must be one of {_KERNELS}, got {self.kernel!r}"
             )
-        for name in ("mean_correction", "gqa_shared", "collect_stats"):
+        _check_alpha("vs_threshold", self.vs_threshold)
+        for name in ("mean_correction", "gqa_shared", "collect_stats", "vertical_slash"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"FlashPrefillConfig.{name} must be a bool")
         # Accept lists / dicts from users (and torch.compile options) but store hashable tuples.

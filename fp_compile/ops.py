@@ -24,7 +24,7 @@ from .kernels import reference as ref
 # Config fields passed to the op, in schema order (after q, k, v, scale).
 OP_CONFIG_FIELDS = (
     "block_size", "alpha", "sink_blocks", "window_blocks", "last_dense_blocks", "min_seq_len",
-    "kernel", "mean_correction", "gqa_shared", "collect_stats",
+    "kernel", "mean_correction", "gqa_shared", "collect_stats", "vertical_slash", "vs_threshold",
 )
 
 
@@ -50,28 +50,58 @@ def use_triton(device: torch.device, kernel: str) -> bool:
 
 
 def _sparse_triton(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks,
-                   last_dense_blocks, mean_correction, gqa_shared):
+                   last_dense_blocks, mean_correction, gqa_shared, vertical_slash=False,
+                   vs_threshold=0.015):
     from .kernels.block_sparse_attention import block_sparse_attention
     from .kernels.pattern_search import pattern_search
 
     num, idx = pattern_search(q, k, scale, block_size, alpha, sink_blocks, window_blocks,
-                              last_dense_blocks, gqa_shared=gqa_shared)
+                              last_dense_blocks, gqa_shared=gqa_shared and not vertical_slash)
+    if vertical_slash:
+        from .kernels.vertical_slash import add_vertical_slash_compact
+
+        num, idx = add_vertical_slash_compact(q, k, num, idx, scale, block_size, vs_threshold,
+                                              gqa_shared=gqa_shared)
     return block_sparse_attention(q, k, v, num, idx, scale, block_size,
                                   mean_correction=mean_correction)
 
 
+def _record_stats(q, k, scale, block_size, alpha, sink_blocks, window_blocks,
+                  last_dense_blocks, kernel, gqa_shared, layer, sparse, vertical_slash=False,
+                  vs_threshold=0.015):
+    """collect_stats=True only: run the selection once more and store per-head density."""
+    from .api import select_blocks
+    from .stats import record
+
+    num = None
+    if sparse:
+        config = FlashPrefillConfig(block_size=block_size, alpha=alpha, sink_blocks=sink_blocks,
+                                    window_blocks=window_blocks,
+                                    last_dense_blocks=last_dense_blocks, kernel=kernel,
+                                    gqa_shared=gqa_shared, vertical_slash=vertical_slash,
+                                    vs_threshold=vs_threshold)
+        num = select_blocks(q, k, scale=scale, config=config).kv_num_blocks
+    record(layer, q.shape[2], q.shape[0], block_size, alpha, num, q.shape[1])
+
+
 def _run(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
-         min_seq_len, kernel, mean_correction, gqa_shared, collect_stats):
+         min_seq_len, kernel, mean_correction, gqa_shared, collect_stats, layer=-1,
+         vertical_slash=False, vs_threshold=0.015):
     """The op on concrete tensors of any device (eager)."""
     scale = ref.default_scale(q.shape[-1], scale)
+    if collect_stats:
+        _record_stats(q, k, scale, block_size, alpha, sink_blocks, window_blocks,
+                      last_dense_blocks, kernel, gqa_shared, layer, q.shape[2] >= min_seq_len,
+                      vertical_slash, vs_threshold)
     if q.shape[2] < min_seq_len:
         return ref.dense_causal_attention(q, k, v, scale)
     if use_triton(q.device, kernel):
         return _sparse_triton(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks,
-                              last_dense_blocks, mean_correction, gqa_shared)
+                              last_dense_blocks, mean_correction, gqa_shared, vertical_slash,
+                              vs_threshold)
     return ref.flash_prefill_reference(q, k, v, scale, block_size, alpha, sink_blocks,
                                        window_blocks, last_dense_blocks, 0, mean_correction,
-                                       gqa_shared)
+                                       gqa_shared, vertical_slash, vs_threshold)
 
 
 @custom_op("fp_compile::flash_prefill_eager", mutates_args=())
@@ -79,10 +109,13 @@ def flash_prefill_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         scale: Optional[float], block_size: int, alpha: float, sink_blocks: int,
                         window_blocks: int, last_dense_blocks: int, min_seq_len: int,
                         kernel: str, mean_correction: bool, gqa_shared: bool,
-                        collect_stats: bool, layer: int = -1) -> torch.Tensor:
+                        collect_stats: bool, vertical_slash: bool = False,
+                        vs_threshold: float = 0.015, layer: int = -1) -> torch.Tensor:
+    # The fake kernel promises a contiguous output; the reference (and SDPA for short prompts)
+    # follow q's layout, which is a transposed view in most models.
     return _run(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks,
                 last_dense_blocks, min_seq_len, kernel, mean_correction, gqa_shared,
-                collect_stats)
+                collect_stats, layer, vertical_slash, vs_threshold).contiguous()
 
 
 @flash_prefill_eager.register_fake
@@ -95,13 +128,15 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      scale: Optional[float], block_size: int, alpha: float, sink_blocks: int,
                      window_blocks: int, last_dense_blocks: int, min_seq_len: int, kernel: str,
                      mean_correction: bool, gqa_shared: bool,
-                     collect_stats: bool, layer: int = -1) -> torch.Tensor:
+                     collect_stats: bool, vertical_slash: bool = False,
+                     vs_threshold: float = 0.015, layer: int = -1) -> torch.Tensor:
     """FlashPrefill causal attention. q (B, H, S, D); k, v (B, Hkv, S, D); returns (B, H, S, D).
 
     ``layer`` is the index of this SDPA call in the model (-1: unknown), for per-layer stats.
     """
     args = (scale, block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
-            min_seq_len, kernel, mean_correction, gqa_shared, collect_stats, layer)
+            min_seq_len, kernel, mean_correction, gqa_shared, collect_stats, vertical_slash,
+            vs_threshold, layer)
     if q.device.type != "cuda" or kernel == "reference" or collect_stats:
         return torch.ops.fp_compile.flash_prefill_eager(q, k, v, *args)
     scale_f = ref.default_scale(q.shape[-1], scale)
@@ -111,7 +146,8 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     def sparse(q, k, v):
         return _sparse_triton(q, k, v, scale_f, block_size, alpha, sink_blocks, window_blocks,
-                              last_dense_blocks, mean_correction, gqa_shared)
+                              last_dense_blocks, mean_correction, gqa_shared, vertical_slash,
+                              vs_threshold)
 
     short = q.shape[2] < min_seq_len
     if isinstance(short, bool):

@@ -100,10 +100,94 @@ def structural_keep(M: int, n_start: int, n_end: int, sink_blocks: int, window_b
     return keep & causal
 
 
+def vertical_slash_scores_reference(q: torch.Tensor, k: torch.Tensor, scale: float,
+                                    block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-level attention of the last query block, per key column and per diagonal.
+
+    The probe rows are the real rows r of the last query block (R = S - (M - 1) * block_size
+    of them) and p their exact causal softmax (cost: one query block of dense attention, as
+    MInference estimates vertical and slash lines). Returns two (B, H, S) tensors, fp32 (fp64
+    for fp64 inputs):
+
+    * ``column[s]`` = mean over r of p[r, s];
+    * ``diagonal[o]`` = mean over r of (p[r, r - o] - column[r - o]) (terms with r - o < 0 are
+      0): the mass on diagonal o beyond what the columns explain. A salient span seen from R
+      rows puts as much on each diagonal as on each column; subtracting the column part keeps
+      only what changes with the row, i.e. true slash lines.
+    """
+    B, H, S, D = q.shape
+    Hkv = k.shape[1]
+    M = cdiv(S, block_size)
+    r0 = (M - 1) * block_size
+    rows = torch.arange(r0, S, device=q.device)
+    kf = k.to(acc_dtype(k))
+    qc = _group_view(q[:, :, r0:], Hkv).to(kf.dtype)
+    logits = scale * torch.matmul(qc, kf.unsqueeze(2).transpose(-1, -2))  # (B,Hkv,G,R,S)
+    cols = torch.arange(S, device=q.device)
+    logits = logits.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+    p = torch.softmax(logits, dim=-1).flatten(1, 2)  # (B,H,R,S)
+    column = p.mean(dim=-2)
+    key = rows[:, None] - cols[None, :]  # (R, S): key index r - o, offset o along the last dim
+    index = key.clamp_min(0).expand(B, H, -1, -1)
+    excess = (p.gather(-1, index) - column[:, :, None, :].expand_as(p).gather(-1, index))
+    excess = excess * (key >= 0)
+    # A slash line is there in every row; row-to-row noise of a salient span is not: keep the
+    # smaller of the two halves' means (with one row, its own excess).
+    half = max(1, excess.shape[-2] // 2)
+    first = excess[..., :half, :].sum(dim=-2) / excess.shape[-2] * 2 if excess.shape[-2] > 1 \
+        else excess[..., 0, :]
+    second = excess[..., half:, :].sum(dim=-2) / excess.shape[-2] * 2 if excess.shape[-2] > 1 \
+        else excess[..., 0, :]
+    return column, torch.minimum(first, second)
+
+
+def vertical_slash_flags_reference(q: torch.Tensor, k: torch.Tensor, scale: float,
+                                   block_size: int, threshold: float
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Heavy key columns and diagonals as block flags, each (B, H, M) bool.
+
+    ``column_blocks[j]``: key block j holds a key whose column score is >= threshold (a share
+    of the probe rows' attention mass). ``diagonal_blocks[d]``: some offset o with diagonal
+    score >= threshold makes query block i
+    read key block i - d: o = c * block_size + m sends rows of block i to key blocks i - c
+    (rows r >= m within the block) and i - c - 1 (rows r < m, when m > 0).
+    """
+    B, H, S, D = q.shape
+    M = cdiv(S, block_size)
+    column, diagonal = vertical_slash_scores_reference(q, k, scale, block_size)
+    pad = M * block_size - S
+    heavy_col = F.pad(column >= threshold, (0, pad))
+    column_blocks = heavy_col.view(B, H, M, block_size).any(dim=-1)
+    heavy = F.pad(diagonal >= threshold, (0, pad)).view(B, H, M, block_size)
+    diagonal_blocks = heavy.any(dim=-1)  # offset block c = o // block_size
+    partial = heavy[..., 1:].any(dim=-1)  # some heavy o with o % block_size > 0 -> also c + 1
+    diagonal_blocks[..., 1:] |= partial[..., :-1]
+    return column_blocks, diagonal_blocks
+
+
+def add_vertical_slash(keep: torch.Tensor, column_blocks: torch.Tensor,
+                       diagonal_blocks: torch.Tensor) -> torch.Tensor:
+    """keep (B, H, n, M) rows of query blocks [M - n, ... ) or all M; returns keep with, for every
+    query block i, key blocks j <= i where column_blocks[j] or diagonal_blocks[i - j] added."""
+    M = keep.shape[-1]
+    i = torch.arange(M - keep.shape[-2], M, device=keep.device)[:, None]
+    j = torch.arange(M, device=keep.device)[None, :]
+    causal = j <= i
+    d = (i - j).clamp_min(0)
+    extra = column_blocks[:, :, None, :] | diagonal_blocks[:, :, d]
+    return keep | (extra & causal)
+
+
 def select_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
                           alpha: float, sink_blocks: int, window_blocks: int,
-                          last_dense_blocks: int, gqa_shared: bool = False) -> torch.Tensor:
-    """Kept (query block, key block) pairs as a dense bool mask (B, H, M, M)."""
+                          last_dense_blocks: int, gqa_shared: bool = False,
+                          vertical_slash: bool = False, vs_threshold: float = 0.015
+                          ) -> torch.Tensor:
+    """Kept (query block, key block) pairs as a dense bool mask (B, H, M, M).
+
+    With ``vertical_slash``, key blocks of heavy columns and diagonals found by
+    ``vertical_slash_flags_reference`` are added to every query block they reach.
+    """
     B, H, S, D = q.shape
     Hkv = k.shape[1]
     M = cdiv(S, block_size)
@@ -122,6 +206,9 @@ def select_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block_
         chosen &= j < i
         keep[:, :, i0:i1] = chosen | structural_keep(
             M, i0, i1, sink_blocks, window_blocks, last_dense_blocks, q.device)
+    if vertical_slash:
+        keep = add_vertical_slash(
+            keep, *vertical_slash_flags_reference(q, k, scale, block_size, vs_threshold))
     if gqa_shared and H != Hkv:
         keep = keep.unflatten(1, (Hkv, H // Hkv)).any(dim=2, keepdim=True)
         keep = keep.expand(B, Hkv, H // Hkv, M, M).flatten(1, 2).contiguous()
@@ -209,12 +296,13 @@ def flash_prefill_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
                             block_size: int, alpha: float, sink_blocks: int, window_blocks: int,
                             last_dense_blocks: int, min_seq_len: int,
                             mean_correction: bool = False,
-                            gqa_shared: bool = False) -> torch.Tensor:
+                            gqa_shared: bool = False, vertical_slash: bool = False,
+                            vs_threshold: float = 0.015) -> torch.Tensor:
     """The whole op in plain torch: dense below ``min_seq_len``, else select + sparse attention."""
     if q.shape[2] < min_seq_len:
         return dense_causal_attention(q, k, v, scale)
     keep = select_mask_reference(q, k, scale, block_size, alpha, sink_blocks, window_blocks,
-                                 last_dense_blocks, gqa_shared)
+                                 last_dense_blocks, gqa_shared, vertical_slash, vs_threshold)
     num, idx = compact_mask(keep)
     return block_sparse_attention_reference(q, k, v, num, idx, scale, block_size,
                                             mean_correction)
