@@ -96,6 +96,17 @@ class BlockSelection:
         """(B, H, M, M) bool mask of kept blocks."""
         return ref.expand_indices(self.kv_num_blocks, self.kv_indices)
 
+    def recall(self, q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> float:
+        """Share of the exact causal softmax mass inside the kept blocks.
+
+        Averaged over batch, heads and query rows; q (B, H, S, D), k (B, Hkv, S, D), the
+        tensors the selection was made from. Computed in chunks of rows (bounded memory).
+        """
+        from .accuracy import mask_recall
+
+        scale = ref.default_scale(q.shape[-1], scale)
+        return float(mask_recall(q, k, self.to_dense(), scale, self.block_size).mean())
+
     def to_block_mask(self):
         """A FlexAttention ``BlockMask`` with a causal mask_mod over the same kept blocks.
 
@@ -133,8 +144,15 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = Non
     if use_triton(q.device, config.kernel):
         from .kernels.pattern_search import pattern_search
 
-        num, idx = pattern_search(q, k, *args, gqa_shared=config.gqa_shared)
+        num, idx = pattern_search(q, k, *args,
+                                  gqa_shared=config.gqa_shared and not config.vertical_slash)
+        if config.vertical_slash:
+            from .kernels.vertical_slash import add_vertical_slash_compact
+
+            num, idx = add_vertical_slash_compact(q, k, num, idx, scale, config.block_size,
+                                                  config.vs_threshold, config.gqa_shared)
     else:
-        num, idx = ref.compact_mask(
-            ref.select_mask_reference(q, k, *args, gqa_shared=config.gqa_shared))
+        num, idx = ref.compact_mask(ref.select_mask_reference(
+            q, k, *args, gqa_shared=config.gqa_shared, vertical_slash=config.vertical_slash,
+            vs_threshold=config.vs_threshold))
     return BlockSelection(num, idx, config.block_size, q.shape[2])

@@ -1,0 +1,56 @@
+"""``explain``: what the flashprefill backend would do to a model, from one run on example inputs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .config import FlashPrefillConfig
+
+log = logging.getLogger("fp_compile")
+
+
+def _merge(reports: list):
+    """One report for every graph dynamo captured (graph breaks give several)."""
+    from .passes.sdpa_rewrite import RewriteReport
+
+    if len(reports) == 1:
+        return reports[0]
+    merged = RewriteReport()
+    for r in reports:
+        merged.rewritten.extend(r.rewritten)
+        merged.skipped.extend(r.skipped)
+    return merged
+
+
+def explain(model: Any, *example_inputs: Any, config: FlashPrefillConfig | None = None,
+            dynamic: bool | None = None, **example_kwargs: Any):
+    """Compile ``model`` with the flashprefill rewrite, run it once on the example inputs and
+    return the ``RewriteReport``: which SDPA calls were rewritten and, for the others, why not.
+
+    The model runs exactly once (dynamo traces, the pass rewrites, the rewritten graph runs;
+    there is no separate tracing run), so with ``config.collect_stats=True`` the same call also
+    fills ``fp_compile.stats()``. Inductor is not invoked: the rewritten FX graph runs as is.
+    Gradient mode matters as it does for the backend: call under ``torch.no_grad()`` to see what
+    inference would do. ``model`` is an ``nn.Module`` or any callable dynamo can trace.
+    """
+    from .passes.sdpa_rewrite import rewrite_sdpa
+
+    config = config or FlashPrefillConfig()
+    reports: list = []
+
+    def capture(gm: torch.fx.GraphModule, inputs):
+        reports.append(rewrite_sdpa(gm, config))
+        return gm.forward
+
+    compiled = torch.compile(model, backend=capture, dynamic=dynamic)
+    compiled(*example_inputs, **example_kwargs)
+    if not reports:
+        raise RuntimeError("explain: dynamo captured no graph from the model (is it already "
+                           "compiled, or does it run under torch.compiler.disable?)")
+    report = _merge(reports)
+    log.info("flashprefill explain: %d SDPA call(s) rewritten, %d left dense, in %d graph(s)",
+             len(report.rewritten), len(report.skipped), len(reports))
+    return report

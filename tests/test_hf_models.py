@@ -1,0 +1,83 @@
+"""Hugging Face models (random-init tiny configs, nothing downloaded) under the flashprefill
+backend: every layer's prefill attention rewritten, decode steps untouched, greedy generate()
+unchanged at alpha=0, padded batches left dense with the reason recorded."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+transformers = pytest.importorskip("transformers")
+
+import fp_compile  # noqa: E402
+from fp_compile import FlashPrefillConfig  # noqa: E402
+from fp_compile.models import ModelArgs, build_hf_llama  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+TINY = ModelArgs(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                 intermediate_size=128, max_seq_len=512)
+# alpha 0 keeps every causal block, so the op equals dense attention up to rounding
+EXACT = {"alpha": 0.0, "block_size": 16, "min_seq_len": 0}
+
+
+def tiny(family, seed=0):
+    torch.manual_seed(seed)
+    return build_hf_llama(TINY, family)
+
+
+def prompt(batch, length, seed=1):
+    return torch.randint(1, TINY.vocab_size, (batch, length),
+                         generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_every_layer_rewritten_in_prefill(family):
+    model = tiny(family)
+    with torch.no_grad():
+        report = fp_compile.explain(model, prompt(1, 100), config=FlashPrefillConfig(**EXACT))
+    assert len(report.rewritten) == TINY.n_layers, report
+    assert not report.skipped, report
+
+
+def test_padded_batch_stays_dense_with_reason():
+    model = tiny("llama")
+    ids = prompt(2, 48)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0                                    # left padding on the second row
+    with torch.no_grad():
+        report = fp_compile.explain(model, ids, attention_mask=mask,
+                                    config=FlashPrefillConfig(**EXACT))
+    assert not report.rewritten, report
+    assert len(report.skipped) == TINY.n_layers
+    assert "mask" in str(report.skipped).lower(), report
+
+
+def test_compiled_module_matches_eager_logits():
+    model = tiny("qwen2")
+    ids = prompt(1, 150)
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.compile(model, backend="flashprefill", options=EXACT)(ids).logits
+    assert counters["flashprefill"]["sdpa_rewritten"] == TINY.n_layers
+    assert_close(got, want, 1e-4, 1e-4, "logits")
+
+
+def test_generate_with_compiled_forward_gives_eager_tokens():
+    model = tiny("llama")
+    ids = prompt(1, 80)
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=5, do_sample=False)
+        model.forward = torch.compile(model.forward, backend="flashprefill", options=EXACT)
+        got = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(got, want), (got, want)
+    # one prefill graph with every layer rewritten; the decode graphs (q_len 1) stay dense
+    assert counters["flashprefill"]["sdpa_rewritten"] == TINY.n_layers
+    skipped = counters["flashprefill"]["sdpa_skipped"]
+    assert skipped >= TINY.n_layers and skipped % TINY.n_layers == 0, skipped
