@@ -16,10 +16,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 } | tee "$OUT/env.txt"
 status=0
 if [[ $what == tests || $what == all ]]; then
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  timeout ${TEST_TIMEOUT:-280} python3 -m pytest -q -m gpu -p no:cacheprovider -rfE tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
   status=${PIPESTATUS[0]}
 fi
 if [[ $what == bench || $what == all ]]; then
-  python3 benchmarks/bench_attention.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{' 
+  timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_attention.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{' 
 fi
 exit $status
