@@ -17,6 +17,7 @@ import math
 import os
 import statistics
 import sys
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -68,16 +69,48 @@ def dense_fn(q, k, v, backend):
     return run
 
 
-def bench_one(S: int, args, flex_compiled) -> dict:
-    from fp_compile.kernels.block_sparse_attention import block_sparse_attention
-    from fp_compile.kernels.pattern_search import pattern_search
+def poison_allocator(like: torch.Tensor) -> None:
+    """Fill memory the next allocation of like's size will reuse with NaN, then free it: an
+    output element the kernels fail to write then shows up as non-finite."""
+    t = torch.full_like(like, float("nan"))
+    del t
+
+
+class Compiled:
+    """The op and its two stages compiled once per config (dynamic=True: one graph for every S),
+    as a user's compiled model runs them: launches come from Inductor's generated code."""
+
+    def __init__(self, cfg: FlashPrefillConfig):
+        from fp_compile.kernels.block_sparse_attention import block_sparse_attention
+        from fp_compile.kernels.pattern_search import pattern_search
+
+        self.cfg = cfg
+
+        def op(q, k, v):
+            return flash_prefill(q, k, v, enable_gqa=True, config=cfg)
+
+        def search(q, k):
+            return pattern_search(q, k, q.shape[-1] ** -0.5, cfg.block_size, cfg.alpha,
+                                  cfg.sink_blocks, cfg.window_blocks, cfg.last_dense_blocks,
+                                  gqa_shared=cfg.gqa_shared)
+
+        def attn(q, k, v, num, idx):
+            return block_sparse_attention(q, k, v, num, idx, q.shape[-1] ** -0.5,
+                                          cfg.block_size)
+
+        self.op = torch.compile(op, fullgraph=True, dynamic=True)
+        self.search = torch.compile(search, fullgraph=True, dynamic=True)
+        self.attn = torch.compile(attn, fullgraph=True, dynamic=True)
+
+
+def bench_one(S: int, args, flex_compiled, fns: Compiled, default_op) -> dict:
+    from fp_compile.kernels.pattern_search import pattern_search_reference
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     B, H, Hkv, D = 1, args.heads, args.kv_heads, args.head_dim
     q, k, v = planted_qkv(B, H, Hkv, S, D, seed=args.seed, dtype=dtype, device="cuda")
     scale = 1 / math.sqrt(D)
-    cfg = FlashPrefillConfig(alpha=args.alpha, min_seq_len=0, block_size=args.block_size,
-                             **json.loads(args.config))
+    cfg = fns.cfg
     reps = max(3, min(args.reps, int(2e5 / S)))
     row = {"S": S, "reps": reps}
 
@@ -88,65 +121,108 @@ def bench_one(S: int, args, flex_compiled) -> dict:
     row["flash_vs_cudnn_err"] = rel_err(flash(), dense_out)
     row["flash_ms"], _ = cuda_time(flash, reps)
 
-    # The op, poisoned output first: fill the memory its output will reuse with NaN, so an
-    # element the kernels fail to write shows up as non-finite.
-    poison = torch.full_like(q, float("nan"))
-    del poison
-    out = flash_prefill(q, k, v, enable_gqa=True, config=cfg)
+    # The op (sparse at every S), compiled; poisoned output memory first.
+    poison_allocator(q)
+    out = fns.op(q, k, v)
     row["op_finite"] = bool(out.isfinite().all())
     row["err_vs_dense"] = rel_err(out, dense_out)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    flash_prefill(q, k, v, enable_gqa=True, config=cfg)
+    fns.op(q, k, v)
     torch.cuda.synchronize()
-    row["op_extra_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    row["op_ms"], row["op_spread"] = cuda_time(
-        lambda: flash_prefill(q, k, v, enable_gqa=True, config=cfg), reps)
+    # Beyond the inputs and the output itself: index tensors and scratch.
+    row["op_extra_mem_mb"] = (torch.cuda.max_memory_allocated() - base
+                              - q.numel() * q.element_size()) / 2**20
+    row["op_ms"], row["op_spread"] = cuda_time(lambda: fns.op(q, k, v), reps)
 
-    sargs = (q, k, scale, cfg.block_size, cfg.alpha, cfg.sink_blocks, cfg.window_blocks,
-             cfg.last_dense_blocks)
-    num, idx = pattern_search(*sargs, gqa_shared=cfg.gqa_shared)
-    row["search_ms"], _ = cuda_time(lambda: pattern_search(*sargs, gqa_shared=cfg.gqa_shared),
-                                    reps)
-    attn = block_sparse_attention(q, k, v, num, idx, scale, cfg.block_size)
-    row["attn_ms"], _ = cuda_time(
-        lambda: block_sparse_attention(q, k, v, num, idx, scale, cfg.block_size), reps)
+    # The op with the default dispatch (dense below min_seq_len).
+    poison_allocator(q)
+    out_d = default_op(q, k, v)
+    row["op_default_finite"] = bool(out_d.isfinite().all())
+    row["op_default_err"] = rel_err(out_d, dense_out)
+    row["op_default_ms"], _ = cuda_time(lambda: default_op(q, k, v), reps)
+    del out_d
+
+    num, idx = fns.search(q, k)
+    row["search_ms"], _ = cuda_time(lambda: fns.search(q, k), reps)
+    # Selection vs the plain-torch reference: share of (row, block) decisions that differ.
+    rnum, ridx = pattern_search_reference(q, k, scale, cfg.block_size, cfg.alpha,
+                                          cfg.sink_blocks, cfg.window_blocks,
+                                          cfg.last_dense_blocks, gqa_shared=cfg.gqa_shared)
     M = idx.shape[-1]
+    row["search_num_diff_rows"] = int((rnum != num).sum().item())
+    row["search_kept_diff"] = abs(int(rnum.sum().item()) - int(num.sum().item()))
+    del rnum, ridx
+    poison_allocator(q)
+    attn = fns.attn(q, k, v, num, idx)
+    row["attn_finite"] = bool(attn.isfinite().all())
+    row["attn_ms"], _ = cuda_time(lambda: fns.attn(q, k, v, num, idx), reps)
     kept = num.sum().item()
     row["density"] = kept / (num.numel() * (M + 1) / 2)
     # Effective attention throughput on the kept blocks (QK^T and PV, diagonal counted half).
     flops = 4 * D * cfg.block_size * cfg.block_size * (kept - num.numel() / 2)
     row["attn_tflops"] = flops / (row["attn_ms"] * 1e-3) / 1e12
 
-    sel = select_blocks(q, k, config=cfg)
-    row["search_matches_select_blocks"] = bool(torch.equal(sel.kv_num_blocks, num))
     if flex_compiled is not None:
+        sel = select_blocks(q, k, config=cfg)
+        row["search_matches_select_blocks"] = bool(torch.equal(sel.kv_num_blocks, num))
         bm = sel.to_block_mask()
         flex_out = flex_compiled(q, k, v, block_mask=bm, enable_gqa=True)
         row["attn_vs_flex_err"] = rel_err(attn, flex_out)
         row["flex_ms"], _ = cuda_time(
             lambda: flex_compiled(q, k, v, block_mask=bm, enable_gqa=True), reps)
         row["attn_speedup_vs_flex"] = row["flex_ms"] / row["attn_ms"]
+        del sel, bm, flex_out
     row["speedup_vs_cudnn"] = row["cudnn_ms"] / row["op_ms"]
+    row["default_speedup_vs_cudnn"] = row["cudnn_ms"] / row["op_default_ms"]
     row["search_share"] = row["search_ms"] / row["op_ms"]
     del q, k, v, out, dense_out, attn
     torch.cuda.empty_cache()
     return row
 
 
+def bench_variant(S: int, name: str, fns: Compiled, args, with_recall: bool) -> dict:
+    """One option of the config (issue: accuracy beyond the paper) at one length."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    q, k, v = planted_qkv(1, args.heads, args.kv_heads, S, args.head_dim, seed=args.seed,
+                          dtype=dtype, device="cuda")
+    reps = max(3, min(args.reps, int(1e5 / S)))
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    poison_allocator(q)
+    out = fns.op(q, k, v)
+    row = {"variant": name, "S": S, "finite": bool(out.isfinite().all()),
+           "err_vs_dense": rel_err(out, dense)}
+    row["op_ms"], _ = cuda_time(lambda: fns.op(q, k, v), reps)
+    sel = select_blocks(q, k, config=fns.cfg)
+    row["density"] = sel.density
+    if with_recall:
+        row["recall"] = sel.recall(q, k)
+    del q, k, v, out, dense, sel
+    torch.cuda.empty_cache()
+    return row
+
+
+VARIANTS = {"paper_rule": {}, "mean_correction": {"mean_correction": True},
+            "gqa_shared": {"gqa_shared": True}, "vertical_slash": {"vertical_slash": True}}
+
+
 COLUMNS = [("S", "{:>7}"), ("cudnn_ms", "{:8.2f}"), ("flash_ms", "{:8.2f}"),
-           ("flex_ms", "{:8.2f}"), ("op_ms", "{:8.2f}"), ("search_ms", "{:7.2f}"),
+           ("flex_ms", "{:8.2f}"), ("op_ms", "{:8.2f}"), ("op_default_ms", "{:8.2f}"),
+           ("search_ms", "{:7.2f}"),
            ("attn_ms", "{:7.2f}"), ("density", "{:6.3f}"), ("err_vs_dense", "{:7.4f}"),
            ("attn_vs_flex_err", "{:8.1e}"), ("attn_tflops", "{:6.0f}"),
-           ("speedup_vs_cudnn", "{:6.2f}"), ("attn_speedup_vs_flex", "{:6.2f}")]
+           ("speedup_vs_cudnn", "{:6.2f}"), ("attn_speedup_vs_flex", "{:6.2f}"),
+           ("search_share", "{:5.2f}"), ("op_extra_mem_mb", "{:7.0f}")]
+VARIANT_COLUMNS = [("variant", "{:>16}"), ("S", "{:>7}"), ("op_ms", "{:8.2f}"),
+                   ("density", "{:6.3f}"), ("err_vs_dense", "{:7.4f}"), ("recall", "{:6.3f}")]
 
 
-def table(rows) -> str:
-    head = " | ".join(name for name, _ in COLUMNS)
+def table(rows, columns=COLUMNS) -> str:
+    head = " | ".join(name for name, _ in columns)
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(" | ".join(fmt.format(r[name]) if name in r else "-" for name, fmt in COLUMNS))
+        lines.append(" | ".join(fmt.format(r[name]) if name in r else "-" for name, fmt in columns))
     return "\n".join(lines)
 
 
@@ -187,6 +263,10 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="config options timed and checked at --variant-seq-lens ('' for none)")
+    p.add_argument("--variant-seq-lens", default="32768,131072")
+    p.add_argument("--recall-max-seq-len", type=int, default=32768)
     p.add_argument("--out", default="bench_out")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -202,16 +282,36 @@ def main(argv=None):
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__, "date": datetime.date.today().isoformat(),
             "args": vars(args)}
+    base = FlashPrefillConfig(alpha=args.alpha, block_size=args.block_size,
+                              **json.loads(args.config))
+    fns = Compiled(base.replace(min_seq_len=0))
+    default_op = torch.compile(
+        lambda q, k, v: flash_prefill(q, k, v, enable_gqa=True, config=base),
+        fullgraph=True, dynamic=True)
+    meta["min_seq_len"] = base.min_seq_len
     rows = []
     for S in [int(s) for s in args.seq_lens.split(",")]:
         try:
-            rows.append(bench_one(S, args, flex))
-        except torch.OutOfMemoryError as e:  # report, keep the rows measured so far
-            print(f"S={S}: out of memory ({e})", flush=True)
+            rows.append(bench_one(S, args, flex, fns, default_op))
+            print(json.dumps(rows[-1]), flush=True)
+        except Exception:  # report (OOM included), keep the rows measured so far
+            traceback.print_exc()
+            print(f"S={S}: failed", flush=True)
             torch.cuda.empty_cache()
-        print(json.dumps(rows[-1]) if rows else "", flush=True)
+    variant_rows = []
+    for name in [n for n in args.variants.split(",") if n]:
+        vf = Compiled(base.replace(min_seq_len=0, **VARIANTS[name]))
+        for S in [int(s) for s in args.variant_seq_lens.split(",")]:
+            try:
+                variant_rows.append(bench_variant(S, name, vf, args,
+                                                  S <= args.recall_max_seq_len))
+                print(json.dumps(variant_rows[-1]), flush=True)
+            except Exception:
+                traceback.print_exc()
+                print(f"{name} S={S}: failed", flush=True)
+                torch.cuda.empty_cache()
     with open(os.path.join(args.out, "bench_attention.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "variants": variant_rows}, f, indent=1)
     with open(os.path.join(args.out, "bench_attention.csv"), "w") as f:
         keys = sorted({k for r in rows for k in r})
         f.write(",".join(keys) + "\n")
@@ -222,6 +322,9 @@ def main(argv=None):
           f"B=1 H={args.heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype} "
           f"alpha={args.alpha} config={args.config}")
     print(table(rows))
+    if variant_rows:
+        print()
+        print(table(variant_rows, VARIANT_COLUMNS))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: GPU tests, then the kernel benchmark, a short table last.
-#   bash benchmarks/gpu_check.sh [tests|bench|all] [extra bench args...]
-# Full logs and results go under $OUT (or ./gpu_out).
+# One call on the GPU machine: GPU tests, the kernel benchmark, the accuracy benchmark and the
+# demo, a short table last. Full logs and results go under $OUT (or ./gpu_out).
+#   bash benchmarks/gpu_check.sh                 # all parts
+#   bash benchmarks/gpu_check.sh tests bench     # some parts: tests bench accuracy demo
+# Extra arguments for bench_attention.py go in $BENCH_ARGS. Each part has a time limit
+# (TEST_TIMEOUT, BENCH_TIMEOUT, ACC_TIMEOUT, DEMO_TIMEOUT seconds) so one call fits in 10 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-what=${1:-all}; shift || true
+parts=${*:-tests bench accuracy demo}
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
   || echo "editable install failed (see install.log); running from the source tree"
@@ -14,12 +17,34 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 } | tee "$OUT/env.txt"
-status=0
-if [[ $what == tests || $what == all ]]; then
-  timeout ${TEST_TIMEOUT:-280} python3 -m pytest -q -m gpu -p no:cacheprovider -rfE tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-  status=${PIPESTATUS[0]}
+summary=()
+has() { [[ " $parts " == *" $1 "* ]]; }
+if has tests; then
+  # Several workers: the time goes into compiling kernels, which is CPU work.
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
+    -n "${TEST_WORKERS:-8}" --durations=10 tests > "$OUT/gpu_tests.log" 2>&1
+  summary+=("gpu tests: exit $? — $(tail -1 "$OUT/gpu_tests.log")")
+  grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
 fi
-if [[ $what == bench || $what == all ]]; then
-  timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_attention.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v '^{' 
+if has bench; then
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_attention.py --out "$OUT" \
+    ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  summary+=("bench: exit $?")
 fi
-exit $status
+if has accuracy; then
+  timeout "${ACC_TIMEOUT:-150}" python3 benchmarks/bench_accuracy.py --out "$OUT" \
+    > "$OUT/accuracy.log" 2>&1
+  summary+=("accuracy: exit $?")
+  tail -30 "$OUT/accuracy.log"
+fi
+if has demo; then
+  timeout "${DEMO_TIMEOUT:-150}" python3 -m fp_compile demo --device cuda \
+    --plot "$OUT/demo_mask.png" > "$OUT/demo.log" 2>&1
+  summary+=("demo: exit $?")
+  tail -30 "$OUT/demo.log"
+fi
+if has bench; then
+  grep -v '^{' "$OUT/bench.log" | tail -30
+fi
+printf '%s\n' "${summary[@]}"

@@ -53,17 +53,41 @@ def _sparse_triton(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks
                    last_dense_blocks, mean_correction, gqa_shared, vertical_slash=False,
                    vs_threshold=0.015):
     from .kernels.block_sparse_attention import block_sparse_attention
-    from .kernels.pattern_search import pattern_search
+    from .kernels.pattern_search import block_means, pattern_search
 
+    kmean = vmean = None
+    if mean_correction:
+        # One pass over K and V gives the block statistics of both stages.
+        kmean, vmean = block_means(k, block_size, v)
     num, idx = pattern_search(q, k, scale, block_size, alpha, sink_blocks, window_blocks,
-                              last_dense_blocks, gqa_shared=gqa_shared and not vertical_slash)
+                              last_dense_blocks, gqa_shared=gqa_shared and not vertical_slash,
+                              kmean=kmean)
     if vertical_slash:
         from .kernels.vertical_slash import add_vertical_slash_compact
 
         num, idx = add_vertical_slash_compact(q, k, num, idx, scale, block_size, vs_threshold,
                                               gqa_shared=gqa_shared)
     return block_sparse_attention(q, k, v, num, idx, scale, block_size,
-                                  mean_correction=mean_correction)
+                                  mean_correction=mean_correction, kmean=kmean, vmean=vmean)
+
+
+def _dense_cuda(q, k, v, scale):
+    """Dense causal attention for prompts below min_seq_len on CUDA.
+
+    cuDNN first: on the H200 it is the fastest dense causal kernel (benchmarks/RESULTS.md:
+    0.30 ms vs flash 0.55 ms at 4K). It is given k/v repeated to H heads, a copy that costs a
+    few percent of the attention at these lengths; other backends follow if cuDNN declines.
+    """
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if q.shape[1] != k.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 def _record_stats(q, k, scale, block_size, alpha, sink_blocks, window_blocks,
@@ -142,7 +166,7 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale_f = ref.default_scale(q.shape[-1], scale)
 
     def dense(q, k, v):
-        return ref.dense_causal_attention(q, k, v, scale_f)
+        return _dense_cuda(q, k, v, scale_f)
 
     def sparse(q, k, v):
         return _sparse_triton(q, k, v, scale_f, block_size, alpha, sink_blocks, window_blocks,

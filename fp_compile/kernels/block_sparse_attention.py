@@ -262,7 +262,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Hkv = k.shape[1]
     if mean_correction:
         if kmean is None or vmean is None:
-            kmean, vmean, _ = ref.key_block_stats(k, v, block_size)
+            from .pattern_search import block_means
+
+            kmean, vmean = block_means(k, block_size, v)
         kmean = kmean.to(torch.float32).contiguous()
         vmean = vmean.to(torch.float32).contiguous()
     else:

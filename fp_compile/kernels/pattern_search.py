@@ -6,22 +6,28 @@ writing a (B, H, M, M) score tensor, sorting or taking a top-k:
 * ``_block_means_kernel``: mean key (and value) of every key block, padding excluded.
 * ``_pattern_search_kernel``: one program per (batch, query head, query block i) — or per
   (batch, kv head, i) when the heads of a GQA group share one kept set. The program scores its
-  row of blocks against the key-block means in tiles of ``TJ`` key blocks, twice:
+  row of blocks against the key-block means in tiles of ``TJ`` key blocks, once:
 
-  1. pass A finds ``max_j log score_ij``;
-  2. pass B recomputes each tile, thresholds it and appends the kept block indices to the row
-     of ``kv_indices`` through a prefix sum of the keep flags plus a running count, so the row
-     comes out ascending; the unused tail of the row is then written with 0.
+  1. pass A scores each tile, parks the fp32 log2 scores in the row's own ``kv_indices``
+     storage and tracks ``max_j log2 score_ij``;
+  2. pass B reads them back, thresholds them and compacts the kept block indices in place
+     (prefix sum of the keep flags plus a running count), so the row comes out ascending; the
+     unused tail of the row is then written with 0.
 
-  Scores live in the log domain: ``log score_ij = m_t + log sum_r exp(l_rj - m_t)`` with m_t
-  the max logit of the tile. The reference's shared row max m_i cancels in the relative
-  threshold ``score_ij >= alpha * max_j score_ij``, so the log form keeps the same blocks (up
-  to rounding at exact ties) with one pass less and no overflow. NaN scores keep their block,
-  and a NaN anywhere in a row keeps the whole row, as the reference's ``~(s < alpha * max)``.
+  Scores live in the log2 domain: ``log2 score_ij = m_t + log2 sum_r 2^(l_rj - m_t)`` with l
+  the logits in log2 units and m_t the max logit of the tile. The reference's shared row max
+  cancels in the relative threshold ``score_ij >= alpha * max_j score_ij``, so the log form
+  keeps the same blocks (up to rounding at exact ties) without overflow. NaN scores keep their
+  block, and a NaN anywhere in a row keeps the whole row, as the reference's
+  ``~(s < alpha * max)``.
 
-Logits accumulate in fp32. For fp16/bf16 q the fp32 key means are split into a high and a low
-part in q's dtype, so two tensor-core dots give the fp32 logits to about 2^-16 relative
-(a single low-precision dot would move block scores by ~1% and flip borderline blocks).
+Cost: one tensor-core dot per (query block, key block) pair, one exp per (query row, key block),
+and a write + read of the row's scores parked in the row's own kv_indices storage (pass A to
+pass B below), instead of scoring every row twice.
+
+Logits accumulate in fp32. For fp16/bf16 q the key means are rounded once to q's dtype
+(the reference rounds them the same way); fp32 q uses an ieee fp32 dot, so fp32 selections
+equal the reference's bit for bit apart from exact ties.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from . import reference as ref
+
+_LOG2E = 1.4426950408889634
 
 
 def _interpreting() -> bool:
@@ -68,20 +76,22 @@ def _block_means_kernel(k_ptr, v_ptr, kmean_ptr, vmean_ptr,
             v_sum += tl.sum(vt.to(tl.float32), axis=0)
     count = tl.minimum(S - j * BLOCK, BLOCK).to(tl.float32)
     out = (bh.to(tl.int64) * M + j) * D + d
-    tl.store(kmean_ptr + out, k_sum / count, mask=d_ok)
+    tl.store(kmean_ptr + out, (k_sum / count).to(kmean_ptr.dtype.element_ty), mask=d_ok)
     if HAS_V:
-        tl.store(vmean_ptr + out, v_sum / count, mask=d_ok)
+        tl.store(vmean_ptr + out, (v_sum / count).to(vmean_ptr.dtype.element_ty), mask=d_ok)
 
 
-def block_means(k: torch.Tensor, block_size: int, v: torch.Tensor | None = None):
+def block_means(k: torch.Tensor, block_size: int, v: torch.Tensor | None = None, *,
+                out_dtype: torch.dtype = torch.float32):
     """Mean key (and value) of every key block, padding excluded.
 
-    k, v: (B, Hkv, S, D), any strides, fp16/bf16/fp32. Returns kmean (B, Hkv, M, D) fp32,
-    or (kmean, vmean) when v is given; M = ceil(S / block_size).
+    k, v: (B, Hkv, S, D), any strides, fp16/bf16/fp32. Returns kmean (B, Hkv, M, D), or
+    (kmean, vmean) when v is given; M = ceil(S / block_size). Sums are fp32; the means are
+    stored (rounded once) in ``out_dtype``.
     """
     B, Hkv, S, D = k.shape
     M = (S + block_size - 1) // block_size
-    kmean = torch.empty((B, Hkv, M, D), dtype=torch.float32, device=k.device)
+    kmean = torch.empty((B, Hkv, M, D), dtype=out_dtype, device=k.device)
     vmean = torch.empty_like(kmean) if v is not None else kmean
     vv = v if v is not None else k
     DP = max(16, triton.next_power_of_2(int(D)))
@@ -94,57 +104,49 @@ def block_means(k: torch.Tensor, block_size: int, v: torch.Tensor | None = None)
 
 
 @triton.jit
-def _load_means_tile(hi_ptr, lo_ptr, j0, n_cols,
-                     D: tl.constexpr, DP: tl.constexpr, TJ: tl.constexpr, SPLIT: tl.constexpr):
-    """Key means of blocks j0 .. j0 + TJ as (DP, TJ) dot operands; 0 for j >= n_cols, d >= D.
+def _tile_log2_scores(q, kmean_row, j0, n_cols, row_ok, qk_scale,
+                      D: tl.constexpr, DP: tl.constexpr, TJ: tl.constexpr,
+                      IEEE: tl.constexpr):
+    """log2 score_ij of key blocks j0 .. j0 + TJ for one query block; -inf for j >= n_cols.
 
-    hi_ptr/lo_ptr: this (batch, kv head)'s means (M, D), split in q's dtype when SPLIT, else
-    fp32 (then lo is hi and not loaded).
+    q: (BLOCK, DP) query rows (padding rows and dims 0); kmean_row: this (batch, kv head)'s key
+    means (M, D) in q's dtype (fp32 for fp32 q). qk_scale = scale * log2(e).
+    Returns (TJ,) fp32: m + log2 sum_r 2^(l_rj - m), m the max real logit of the tile.
     """
     js = j0 + tl.arange(0, TJ)
     d = tl.arange(0, DP)
-    offs = js[None, :] * D + d[:, None]
-    msk = (js < n_cols)[None, :] & (d < D)[:, None]
-    hi = tl.load(hi_ptr + offs, mask=msk, other=0.0)
-    lo = hi
-    if SPLIT:
-        lo = tl.load(lo_ptr + offs, mask=msk, other=0.0)
-    return hi, lo
-
-
-@triton.jit
-def _tile_log_scores(q, hi, lo, j0, n_cols, row_ok, scale,
-                     TJ: tl.constexpr, SPLIT: tl.constexpr):
-    """log score_ij of key blocks j0 .. j0 + TJ for one query block; -inf for j >= n_cols.
-
-    q: (BLOCK, DP) query rows (padding rows and dims 0); hi, lo from _load_means_tile.
-    Returns (TJ,) fp32: m + log sum_r exp(l_rj - m), m the max real logit of the tile.
-    """
-    if SPLIT:
-        logits = tl.dot(q, lo, tl.dot(q, hi))
+    col_ok = js < n_cols
+    km = tl.load(kmean_row + js[None, :] * D + d[:, None],
+                 mask=col_ok[None, :] & (d < D)[:, None], other=0.0)      # (DP, TJ)
+    if IEEE:
+        logits = tl.dot(q, km, input_precision="ieee")
     else:
-        logits = tl.dot(q, hi, input_precision="ieee")
-    col_ok = j0 + tl.arange(0, TJ) < n_cols
-    logits = tl.where(row_ok[:, None] & col_ok[None, :], logits * scale, float("-inf"))
+        logits = tl.dot(q, km)
+    logits = tl.where(row_ok[:, None] & col_ok[None, :], logits * qk_scale, float("-inf"))
     m = tl.max(tl.max(logits, axis=1), axis=0)
     # An all-masked tile has m = -inf; 0 keeps its exps at 0 instead of NaN.
     m = tl.where(m == float("-inf"), 0.0, m)
-    return m + tl.log(tl.sum(tl.exp(logits - m), axis=0))
+    return m + tl.log2(tl.sum(tl.exp2(logits - m), axis=0))
 
 
 @triton.jit
-def _pattern_search_kernel(q_ptr, hi_ptr, lo_ptr, num_ptr, idx_ptr,
+def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr,
                            sqb, sqh, sqs, sqd,
-                           S, M, H, Hkv, G, scale, log_alpha,
+                           S, M, H, Hkv, G, qk_scale, log2_alpha,
                            sink_blocks, window_blocks, last_dense_blocks,
                            BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                            TJ: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
-                           SPLIT: tl.constexpr):
+                           IEEE: tl.constexpr):
     """One program per (query block i, batch * head unit); a unit is GROUP query heads.
 
     GROUP = 1: each query head gets its own kept set. GROUP = G: the heads of one kv group get
     the union of their kept sets. Writes kv_num_blocks[b, h, i] and the whole row
     kv_indices[b, h, i, :] of every head of the unit.
+
+    Pass A scores the row once and parks the fp32 log2 scores in the row's own kv_indices
+    storage (bit-cast; the row is this program's alone and stays in L2). Pass B reads them back
+    tile by tile and compacts the kept indices in place: the index written at position p comes
+    from a block j >= p of a tile already read, so no unread score is overwritten.
     """
     # Largest rows first: they hold the most key blocks, so the tail of the launch is short.
     i = M - 1 - tl.program_id(0)
@@ -153,9 +155,7 @@ def _pattern_search_kernel(q_ptr, hi_ptr, lo_ptr, num_ptr, idx_ptr,
     b = (pid1 // units).to(tl.int64)
     h0 = (pid1 % units) * GROUP
     kvh = (h0 // G).to(tl.int64)
-    km_off = (b * Hkv + kvh) * M * D
-    hi_row = hi_ptr + km_off
-    lo_row = lo_ptr + km_off
+    kmean_row = kmean_ptr + (b * Hkv + kvh) * M * D
 
     rows = i * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < S
@@ -163,60 +163,59 @@ def _pattern_search_kernel(q_ptr, hi_ptr, lo_ptr, num_ptr, idx_ptr,
     q_offs = rows[:, None].to(tl.int64) * sqs + d[None, :] * sqd
     q_msk = row_ok[:, None] & (d < D)[None, :]
     dense_row = i >= M - last_dense_blocks
-    # Dense rows keep every causal block: no need for the row max. Folding them into the
-    # window (rather than or-ing a scalar into block masks) also dodges an interpreter bug
-    # that turns `block_bool | scalar_bool` into an int32 mask.
+    # Dense rows keep every causal block: they are not scored. Folding them into the window
+    # (rather than or-ing a scalar into block masks) also dodges an interpreter bug that turns
+    # `block_bool | scalar_bool` into an int32 mask.
     n_tiles_a = tl.where(dense_row, 0, (i + TJ - 1) // TJ)
     window_lo = tl.where(dense_row, -1, i - window_blocks)
+    scored_hi = tl.where(dense_row, 0, i)   # blocks j < scored_hi have parked scores
+    row_out = ((b * H + h0) * M + i) * M
 
     q_head = q_ptr + b * sqb + h0.to(tl.int64) * sqh + q_offs
-    # Pass A: per head, the threshold log(alpha) + max_j log score_ij.
+    # Pass A: per head, the threshold log2(alpha) + max_j log2 score_ij; scores parked.
     gs = tl.arange(0, GP)
     thr_vec = tl.full([GP], float("-inf"), tl.float32)
-    # With one head per program its query tile stays in registers through both passes.
-    q0 = tl.load(q_head, mask=q_msk, other=0.0)
     for g in range(GROUP):
-        if GROUP == 1:
-            q = q0
-        else:
-            q = tl.load(q_head + g * sqh, mask=q_msk, other=0.0)
+        q = tl.load(q_head + g * sqh, mask=q_msk, other=0.0)
         best = tl.full([], float("-inf"), tl.float32)
         has_nan = tl.zeros([], dtype=tl.int32)
         for t in range(0, n_tiles_a):
-            hi, lo = _load_means_tile(hi_row, lo_row, t * TJ, i, D, DP, TJ, SPLIT)
-            ls = _tile_log_scores(q, hi, lo, t * TJ, i, row_ok, scale, TJ, SPLIT)
+            ls = _tile_log2_scores(q, kmean_row, t * TJ, i, row_ok, qk_scale, D, DP, TJ, IEEE)
+            js = t * TJ + tl.arange(0, TJ)
+            tl.store(idx_ptr + row_out + g * M * M + js, ls.to(tl.int32, bitcast=True),
+                     mask=js < i)
             isnan = ls != ls
             has_nan = tl.maximum(has_nan, tl.max(isnan.to(tl.int32), axis=0))
             best = tl.maximum(best, tl.max(tl.where(isnan, float("-inf"), ls), axis=0))
         # The reference's row max is NaN when any score is: then every block is kept.
-        thr = tl.where(has_nan != 0, float("-inf"), log_alpha + best)
+        thr = tl.where(has_nan != 0, float("-inf"), log2_alpha + best)
         thr_vec = tl.where(gs == g, thr, thr_vec)
+    # Other threads of this program read back what pass A wrote.
+    tl.debug_barrier()
 
-    # Pass B: threshold tile by tile and append kept indices, ascending.
+    # Pass B: threshold tile by tile and append kept indices, ascending, in place.
     count = tl.zeros([], dtype=tl.int32)
-    row_out = ((b * H + h0) * M + i) * M
     for t in range(0, (i + TJ) // TJ):
         js = t * TJ + tl.arange(0, TJ)
         keep = (js < sink_blocks) | (js > window_lo)
-        # One load of the key-mean tile serves every head of the unit.
-        hi, lo = _load_means_tile(hi_row, lo_row, t * TJ, i, D, DP, TJ, SPLIT)
+        scored = js < scored_hi
         for g in range(GROUP):
-            if GROUP == 1:
-                q = q0
-            else:
-                q = tl.load(q_head + g * sqh, mask=q_msk, other=0.0)
-            ls = _tile_log_scores(q, hi, lo, t * TJ, i, row_ok, scale, TJ, SPLIT)
+            bits = tl.load(idx_ptr + row_out + g * M * M + js, mask=scored, other=0)
+            ls = bits.to(tl.float32, bitcast=True)
             thr = tl.max(tl.where(gs == g, thr_vec, float("-inf")), axis=0)
             # == ~(ls < thr) of the reference: NaN scores keep their block.
-            keep |= ((ls >= thr) | (ls != ls)) & (js < i)
+            keep |= ((ls >= thr) | (ls != ls)) & scored
         keep &= js <= i
+        # Every thread has read this tile before any thread overwrites it (a tile's values can
+        # be replicated across warps, and the prefix sum below need not cross warps).
+        tl.debug_barrier()
         flags = keep.to(tl.int32)
         pos = count + tl.cumsum(flags, axis=0) - 1
         for g in range(GROUP):
             tl.store(idx_ptr + row_out + g * M * M + pos, js, mask=keep)
         count += tl.sum(flags, axis=0)
 
-    # Unused entries: 0. They are exactly the positions >= count, which no store above touched.
+    # Unused entries: 0 (they may still hold parked scores).
     for p0 in range((count // TJ) * TJ, M, TJ):
         ps = p0 + tl.arange(0, TJ)
         zeros = tl.zeros([TJ], dtype=tl.int32)
@@ -237,12 +236,14 @@ def _launch_config(block_size: int, head_dim_p2: int) -> dict:
 
 def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, alpha: float,
                    sink_blocks: int, window_blocks: int, last_dense_blocks: int, *,
-                   gqa_shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   gqa_shared: bool = False, kmean: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashPrefill block selection in FlexAttention's compact layout.
 
     q (B, H, S, D), k (B, Hkv, S, D), H % Hkv == 0, fp16/bf16/fp32, any strides.
     Returns kv_num_blocks (B, H, M) int32 and kv_indices (B, H, M, M) int32, each row ascending
     and 0 past the count: the same as ``pattern_search_reference``. fp64 runs the reference.
+    kmean: optional precomputed ``block_means(k, block_size)`` (any float dtype; cast to q's).
     """
     if q.dtype == torch.float64:
         return pattern_search_reference(q, k, scale, block_size, alpha, sink_blocks,
@@ -251,23 +252,22 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
     Hkv = k.shape[1]
     G = H // Hkv
     M = (S + block_size - 1) // block_size
-    kmean = block_means(k, block_size)
-    split = q.dtype != torch.float32
-    if split:
-        hi = kmean.to(q.dtype)
-        lo = (kmean - hi.to(torch.float32)).to(q.dtype)
+    # Key means in q's dtype for 16-bit q (one tensor-core dot; the reference rounds them the
+    # same way), fp32 for fp32 q (ieee dot: the reference's selection bit for bit).
+    if kmean is None:
+        kmean = block_means(k, block_size, out_dtype=q.dtype)
     else:
-        hi = lo = kmean
+        kmean = kmean.to(q.dtype).contiguous()
     num = torch.empty((B, H, M), dtype=torch.int32, device=q.device)
     idx = torch.empty((B, H, M, M), dtype=torch.int32, device=q.device)
     group = G if gqa_shared else 1
     DP = max(16, triton.next_power_of_2(int(D)))
-    log_alpha = math.log(alpha) if alpha > 0 else float("-inf")
+    log2_alpha = math.log2(alpha) if alpha > 0 else float("-inf")
     wrap_triton(_pattern_search_kernel)[(M, B * (H // group))](
-        q, hi, lo, num, idx, *q.stride(), S, M, H, Hkv, G, float(scale), log_alpha,
+        q, kmean, num, idx, *q.stride(), S, M, H, Hkv, G, float(scale) * _LOG2E, log2_alpha,
         sink_blocks, window_blocks, last_dense_blocks,
         BLOCK=block_size, D=D, DP=DP, GROUP=group, GP=triton.next_power_of_2(group),
-        SPLIT=split, **_launch_config(block_size, DP))
+        IEEE=q.dtype == torch.float32, **_launch_config(block_size, DP))
     return num, idx
 
 

@@ -192,6 +192,10 @@ def select_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block_
     Hkv = k.shape[1]
     M = cdiv(S, block_size)
     kmean = key_block_means(k, block_size)
+    if q.dtype in (torch.float16, torch.bfloat16):
+        # The key means are rounded to the inputs' 16-bit dtype, as the Triton search feeds
+        # them to a tensor-core dot (fp32 accumulation); scores are then fp32 sums as here.
+        kmean = kmean.to(q.dtype).to(kmean.dtype)
     keep = torch.empty(B, H, M, M, dtype=torch.bool, device=q.device)
     step = max(1, _rows_per_chunk(B, H, M, block_size) // block_size)
     for i0 in range(0, M, step):
