@@ -86,6 +86,8 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N
     PAD_D: tl.constexpr = DP != D
 
+    # torch.compile may pass Python floats as fp64: keep the arithmetic in fp32.
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid_bh = tl.program_id(0)
     # Last query tiles first: they keep the most blocks (last_dense rows keep them all), so
     # starting them first shortens the tail of the launch.
@@ -220,21 +222,28 @@ def _block_j(head_dim_p2: int) -> int:
     return 16 if _interpreting() or head_dim_p2 > 128 else 32
 
 
-_AUTOTUNED: dict[tuple[int, int, int], object] = {}
+def _autotune_key(block_size: int, head_dim_p2: int, elt_bytes: int) -> tuple[int, int, int]:
+    """Inputs with equal keys have the same candidate list (see _gpu_tiles)."""
+    return min(block_size, 128), 128 if head_dim_p2 <= 128 else 256, min(elt_bytes, 4)
+
+
+def _make_autotuned(key: tuple[int, int, int]):
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in _gpu_tiles(*key)]
+    return triton.autotune(configs=configs, key=["D", "BLOCK_SIZE"])(_bsa_fwd_kernel)
+
+
+# One autotuner per candidate list, built at import: building one while torch.compile traces
+# the launch would make dynamo trace triton's Autotuner constructor, which it cannot.
+_AUTOTUNED = {(bs, dp, eb): _make_autotuned((bs, dp, eb))
+              for bs in (16, 32, 64, 128) for dp in (128, 256) for eb in (2, 4)}
 
 
 def _autotuned_kernel(block_size: int, head_dim_p2: int, elt_bytes: int):
-    """An autotuned variant of the kernel over the configs that fit (cached per key).
-
-    The candidate lists differ by block size, D and dtype size, so each gets its own
-    autotuner (instead of a prune hook) — a plain object that wrap_triton and Inductor take.
-    """
-    key = (block_size, head_dim_p2, elt_bytes)
-    if key not in _AUTOTUNED:
-        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                   for bm, bn, w, s in _gpu_tiles(block_size, head_dim_p2, elt_bytes)]
-        _AUTOTUNED[key] = triton.autotune(configs=configs, key=["D", "BLOCK_SIZE"])(
-            _bsa_fwd_kernel)
+    """The autotuned kernel whose candidates fit this block size, head dim and dtype size."""
+    key = _autotune_key(block_size, head_dim_p2, elt_bytes)
+    if key not in _AUTOTUNED:  # block sizes below 16 (the config allows none)
+        _AUTOTUNED[key] = _make_autotuned(key)
     return _AUTOTUNED[key]
 
 

@@ -148,6 +148,9 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr,
     tile by tile and compacts the kept indices in place: the index written at position p comes
     from a block j >= p of a tile already read, so no unread score is overwritten.
     """
+    # torch.compile may pass Python floats as fp64: keep the arithmetic in fp32.
+    qk_scale = tl.cast(qk_scale, tl.float32)
+    log2_alpha = tl.cast(log2_alpha, tl.float32)
     # Largest rows first: they hold the most key blocks, so the tail of the launch is short.
     i = M - 1 - tl.program_id(0)
     pid1 = tl.program_id(1)
