@@ -7,7 +7,9 @@ writes them into its generated code; torch.export keeps the op whole.
 On any other device the body calls ``fp_compile::flash_prefill_eager``, an opaque custom op that
 runs the plain-torch reference (or the Triton kernels under TRITON_INTERPRET=1). Being opaque, it
 is traced once with fake tensors and decides dense-vs-sparse at run time, with concrete shapes,
-so no guard on the sequence length ever reaches the compiled graph.
+so no guard on the sequence length ever reaches the compiled graph. On CUDA the same opaque op
+serves graphs with a symbolic sequence length (dynamic shapes); graphs with a static length get
+the kernels inlined into Inductor's code.
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ def _run(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks, last_den
                       last_dense_blocks, kernel, gqa_shared, layer, q.shape[2] >= min_seq_len,
                       vertical_slash, vs_threshold)
     if q.shape[2] < min_seq_len:
+        if q.device.type == "cuda":
+            return _dense_cuda(q, k, v, scale)
         return ref.dense_causal_attention(q, k, v, scale)
     if use_triton(q.device, kernel):
         return _sparse_triton(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks,
@@ -176,6 +180,10 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     short = q.shape[2] < min_seq_len
     if isinstance(short, bool):
         return dense(q, k, v) if short else sparse(q, k, v)
-    # Symbolic length (dynamic shapes): branch at run time instead of guarding on S, so one
-    # compiled graph serves short (dense) and long (sparse) prompts.
-    return torch.cond(short, dense, sparse, (q, k, v))
+    # Symbolic length (dynamic shapes): decide at run time, with the concrete length, inside the
+    # opaque op, so no guard on S enters the graph and one compiled graph serves short (dense)
+    # and long (sparse) prompts. (torch.cond would keep the kernels in Inductor's code, but in
+    # torch 2.11 its Inductor lowering rejects the lifted size symbols, and dynamo rejects k/v
+    # that are views of one tensor.) The kernels then launch from the op's Python: no host
+    # synchronisation, so CUDA graphs still capture it.
+    return torch.ops.fp_compile.flash_prefill_eager(q, k, v, *args)
