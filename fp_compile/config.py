@@ -33,7 +33,9 @@ class FlashPrefillConfig:
         sink_blocks: the first key blocks that every query block always keeps.
         window_blocks: key blocks ending at the diagonal (diagonal included) always kept (>= 1).
         last_dense_blocks: the last query blocks that keep every causal key block.
-        min_seq_len: below this sequence length the op runs dense SDPA.
+        min_seq_len: below this sequence length the op runs dense SDPA (cuDNN on Hopper). The
+            default is the crossover measured on an H200 (benchmarks/RESULTS.md, run 4): the
+            sparse op was 0.92x cuDNN at 4096 tokens and 1.15x at 6144.
         kernel: "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
         mean_correction: FlashPrefill V2's zero-order correction: each skipped key block fully
             before the query block enters the softmax as one pseudo-token.
@@ -53,7 +55,7 @@ class FlashPrefillConfig:
     sink_blocks: int = 2
     window_blocks: int = 4
     last_dense_blocks: int = 2
-    min_seq_len: int = 4096
+    min_seq_len: int = 6144
     kernel: str = "auto"
     mean_correction: bool = False
     gqa_shared: bool = False

@@ -76,20 +76,25 @@ def _sparse_triton(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks
 def _dense_cuda(q, k, v, scale):
     """Dense causal attention for prompts below min_seq_len on CUDA.
 
-    cuDNN first: on the H200 it is the fastest dense causal kernel (benchmarks/RESULTS.md:
-    0.30 ms vs flash 0.55 ms at 4K). It is given k/v repeated to H heads, a copy that costs a
-    few percent of the attention at these lengths; other backends follow if cuDNN declines.
+    cuDNN where it applies: on the H200 it is the fastest dense causal kernel
+    (benchmarks/RESULTS.md: 0.33 ms vs flash 0.58 ms at 4K). It is called directly because an
+    ``sdpa_kernel`` priority set while the op is traced did not reach the compiled graph (run 4
+    measured the flash kernel's time there). cuDNN takes no GQA, so k/v are repeated to H heads,
+    a copy of a few percent of the attention's time at these lengths. Other dtypes and head dims
+    go to SDPA's own choice.
     """
     import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    D = q.shape[-1]
     if q.shape[1] != k.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-             SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    with sdpa_kernel(order, set_priority=True):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if (q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 128
+            and torch.backends.cudnn.is_available()
+            and torch.cuda.get_device_capability(q.device) >= (9, 0)):
+        return torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, False, 0.0, True, False, scale=scale)[0]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
 def _record_stats(q, k, scale, block_size, alpha, sink_blocks, window_blocks,
