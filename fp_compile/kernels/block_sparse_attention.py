@@ -67,6 +67,20 @@ def _softmax_update(acc, m_i, l_i, s, v, SAFE: tl.constexpr):
 
 
 @triton.jit
+def _visible_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale,
+                  PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile that every row of the query tile sees in full (no causal mask)."""
+    if PAD_D:
+        k = tl.load(k_ptrs, mask=kv_d_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_d_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    return _softmax_update(acc, m_i, l_i, s, v, False)
+
+
+@triton.jit
 def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vmean_ptr,
                     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                     sob, soh, sos, sod, snb, snh, snm, sib, sih, sim, sin,
@@ -128,14 +142,9 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     for t in range(0, n_full * SUB):
         j = tl.load(idx_row + (t // SUB) * sin)
         start_n = (j * BLOCK_SIZE + (t % SUB) * BLOCK_N).to(tl.int64)
-        if PAD_D:
-            k = tl.load(k_base + start_n * sks + k_tile, mask=kv_d_mask, other=0.0)
-            v = tl.load(v_base + start_n * svs + v_tile, mask=kv_d_mask, other=0.0)
-        else:
-            k = tl.load(k_base + start_n * sks + k_tile)
-            v = tl.load(v_base + start_n * svs + v_tile)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, False)
+        acc, m_i, l_i = _visible_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
+                                      v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
+                                      PAD_D, DOT_PRECISION)
 
     # 2. The diagonal block, if kept (the first entry at or after i, when it equals i).
     first_after = tl.load(idx_row + n_full * sin, mask=n_full < num, other=-1)
@@ -147,14 +156,9 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     diag_hi = tl.where(first_after == i, tl.minimum(start_m + BLOCK_M, S), diag_lo)
     open_hi = tl.where(first_after == i, mask_lo, diag_lo)
     for start_n in range(diag_lo, open_hi, BLOCK_N):
-        if PAD_D:
-            k = tl.load(k_base + start_n * sks + k_tile, mask=kv_d_mask, other=0.0)
-            v = tl.load(v_base + start_n * svs + v_tile, mask=kv_d_mask, other=0.0)
-        else:
-            k = tl.load(k_base + start_n * sks + k_tile)
-            v = tl.load(v_base + start_n * svs + v_tile)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, False)
+        acc, m_i, l_i = _visible_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
+                                      v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
+                                      PAD_D, DOT_PRECISION)
     for start_n in range(mask_lo, diag_hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < S
