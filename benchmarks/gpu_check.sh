@@ -39,12 +39,19 @@ if has accuracy; then
   tail -30 "$OUT/accuracy.log"
 fi
 if has demo; then
-  timeout "${DEMO_TIMEOUT:-150}" python3 -m fp_compile demo --device cuda \
-    --plot "$OUT/demo_mask.png" > "$OUT/demo.log" 2>&1
-  summary+=("demo: exit $?")
-  tail -30 "$OUT/demo.log"
+  # DEMO_MODELS: which models the demo builds (auto = Hugging Face when transformers is there).
+  for model in ${DEMO_MODELS:-auto}; do
+    timeout "${DEMO_TIMEOUT:-150}" python3 -m fp_compile demo --device cuda --model "$model" \
+      --no-progress --plot "$OUT/demo_mask_$model.png" > "$OUT/demo_$model.log" 2>&1
+    summary+=("demo ($model): exit $?")
+    tail -22 "$OUT/demo_$model.log"
+  done
 fi
 if has bench; then
   grep -v '^{' "$OUT/bench.log" | tail -30
 fi
-printf '%s\n' "${summary[@]}"
+printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
+# At most 8 files come back from the GPU machine: pack the rest into one archive.
+( cd "$OUT" && tar czf results.tgz --exclude results.tgz --exclude summary.txt ./* \
+  && find . -maxdepth 1 -type f ! -name results.tgz ! -name summary.txt \
+       ! -name bench_attention.json -delete ) || true
