@@ -22,7 +22,7 @@ has() { [[ " $parts " == *" $1 "* ]]; }
 if has tests; then
   # Several workers: the time goes into compiling kernels, which is CPU work.
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider -rfE \
-    -n "${TEST_WORKERS:-8}" --durations=10 tests > "$OUT/gpu_tests.log" 2>&1
+    -n "${TEST_WORKERS:-8}" --durations=10 ${TEST_PATHS:-tests} > "$OUT/gpu_tests.log" 2>&1
   summary+=("gpu tests: exit $? — $(tail -1 "$OUT/gpu_tests.log")")
   grep -E "^(FAILED|ERROR)" "$OUT/gpu_tests.log" | head -20
 fi

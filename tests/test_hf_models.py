@@ -1,6 +1,7 @@
 """Hugging Face models (random-init tiny configs, nothing downloaded) under the flashprefill
 backend: every layer's prefill attention rewritten, decode steps untouched, greedy generate()
-unchanged at alpha=0, padded batches left dense with the reason recorded."""
+unchanged at alpha=0, padded batches left dense with the reason recorded; the same when
+transformers builds the causal mask into the graph instead of passing is_causal=True."""
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 import fp_compile  # noqa: E402
 from fp_compile import FlashPrefillConfig  # noqa: E402
+from fp_compile.backend import last_report  # noqa: E402
 from fp_compile.models import ModelArgs, build_hf_llama  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
@@ -81,3 +83,56 @@ def test_generate_with_compiled_forward_gives_eager_tokens():
     assert counters["flashprefill"]["sdpa_rewritten"] == TINY.n_layers
     skipped = counters["flashprefill"]["sdpa_skipped"]
     assert skipped >= TINY.n_layers and skipped % TINY.n_layers == 0, skipped
+
+
+@pytest.fixture
+def causal_mask_in_graph(monkeypatch):
+    """Make transformers build the causal mask while dynamo traces, as it does on torch < 2.14
+    (and transformers <= 5.17 on any torch): SDPA then gets a boolean attn_mask made of aranges
+    and comparisons, with is_causal=False."""
+    from transformers import masking_utils
+
+    if not hasattr(masking_utils, "_ignore_causal_mask_sdpa"):
+        pytest.skip("this transformers has no _ignore_causal_mask_sdpa")
+    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", lambda *args, **kwargs: False)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_causal_mask_in_graph_is_folded(family, causal_mask_in_graph):
+    model = tiny(family)
+    ids = prompt(1, 100)
+    with torch.no_grad():
+        report = fp_compile.explain(model, ids, config=FlashPrefillConfig(**EXACT))
+        assert len(report.rewritten) == TINY.n_layers and not report.skipped, report
+        assert all("causal attn_mask" in r.folded for r in report.rewritten), report
+        torch._dynamo.reset()
+        counters.clear()
+        got = torch.compile(model, backend="flashprefill", options=EXACT)(ids).logits
+        want = model(ids).logits
+    assert counters["flashprefill"]["sdpa_rewritten"] == TINY.n_layers
+    assert_close(got, want, 1e-4, 1e-4, "logits")
+
+
+def test_causal_mask_in_graph_dynamic_lengths_one_graph(causal_mask_in_graph):
+    model = tiny("llama")
+    compiled = torch.compile(model, backend="flashprefill", options=EXACT, dynamic=True)
+    with torch.no_grad():
+        for length in (100, 57, 130):
+            ids = prompt(1, length)
+            assert_close(compiled(ids).logits, model(ids).logits, 1e-4, 1e-4, f"S={length}")
+    report = last_report()
+    assert len(report.rewritten) == TINY.n_layers and not report.skipped, report
+    assert "s" in str(report.rewritten[0].q_shape[2]), "the length must stay symbolic"
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_padded_batch_with_causal_mask_in_graph_stays_dense(causal_mask_in_graph):
+    model = tiny("llama")
+    ids = prompt(2, 48)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        report = fp_compile.explain(model, ids, attention_mask=mask,
+                                    config=FlashPrefillConfig(**EXACT))
+    assert not report.rewritten, report
+    assert [s.reason for s in report.skipped] == ["attn_mask given"] * TINY.n_layers, report
