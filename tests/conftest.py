@@ -35,3 +35,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches and fp_compile's counters cleared before and after a test (modules that
+    compile use it for every test: ``pytestmark = pytest.mark.usefixtures("fresh_dynamo")``)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+    counters.clear()

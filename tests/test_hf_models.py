@@ -31,12 +31,7 @@ def prompt(batch, length, seed=1):
                          generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])

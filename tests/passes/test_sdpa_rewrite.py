@@ -25,13 +25,7 @@ OP = torch.ops.fp_compile.flash_prefill.default
 ALPHA = 4 + OP_CONFIG_FIELDS.index("alpha")     # position of alpha in the op's arguments
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-    counters.clear()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def capture(config=EXACT):
