@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: GPU tests, the kernel benchmark and the demo (about 8 minutes on
-# an H200 with the default limits), a short table last. Full logs and results go under $OUT (or
+# One call on the GPU machine: GPU tests, the kernel benchmark and the demo (time limits per part
+# add up to under 10 minutes), a short table last. Full logs and results go under $OUT (or
 # ./gpu_out), packed into results.tgz.
 #   bash benchmarks/gpu_check.sh                 # tests bench demo
 #   bash benchmarks/gpu_check.sh tests bench     # some parts: tests bench accuracy demo
