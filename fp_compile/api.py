@@ -8,7 +8,7 @@ import torch
 
 from .config import FlashPrefillConfig
 from .kernels import reference as ref
-from .ops import op_config_args, use_triton
+from .ops import op_config_args, select_triton, use_triton
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -142,15 +142,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = Non
     args = (scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
             config.last_dense_blocks)
     if use_triton(q.device, config.kernel):
-        from .kernels.pattern_search import pattern_search
-
-        num, idx = pattern_search(q, k, *args,
-                                  gqa_shared=config.gqa_shared and not config.vertical_slash)
-        if config.vertical_slash:
-            from .kernels.vertical_slash import add_vertical_slash_compact
-
-            num, idx = add_vertical_slash_compact(q, k, num, idx, scale, config.block_size,
-                                                  config.vs_threshold, config.gqa_shared)
+        num, idx = select_triton(q, k, *args, gqa_shared=config.gqa_shared,
+                                 vertical_slash=config.vertical_slash,
+                                 vs_threshold=config.vs_threshold)
     else:
         num, idx = ref.compact_mask(ref.select_mask_reference(
             q, k, *args, gqa_shared=config.gqa_shared, vertical_slash=config.vertical_slash,

@@ -51,16 +51,13 @@ def use_triton(device: torch.device, kernel: str) -> bool:
     return True
 
 
-def _sparse_triton(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks,
-                   last_dense_blocks, mean_correction, gqa_shared, vertical_slash=False,
-                   vs_threshold=0.015):
-    from .kernels.block_sparse_attention import block_sparse_attention
-    from .kernels.pattern_search import block_means, pattern_search
+def select_triton(q, k, scale, block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
+                  gqa_shared=False, vertical_slash=False, vs_threshold=0.015, kmean=None):
+    """The selection with the Triton pattern search (+ the vertical/slash detector): compact
+    (kv_num_blocks, kv_indices). With the detector, the GQA union is taken after it adds its
+    blocks, as ``reference.select_mask_reference`` does."""
+    from .kernels.pattern_search import pattern_search
 
-    kmean = vmean = None
-    if mean_correction:
-        # One pass over K and V gives the block statistics of both stages.
-        kmean, vmean = block_means(k, block_size, v)
     num, idx = pattern_search(q, k, scale, block_size, alpha, sink_blocks, window_blocks,
                               last_dense_blocks, gqa_shared=gqa_shared and not vertical_slash,
                               kmean=kmean)
@@ -69,6 +66,21 @@ def _sparse_triton(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks
 
         num, idx = add_vertical_slash_compact(q, k, num, idx, scale, block_size, vs_threshold,
                                               gqa_shared=gqa_shared)
+    return num, idx
+
+
+def _sparse_triton(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks,
+                   last_dense_blocks, mean_correction, gqa_shared, vertical_slash=False,
+                   vs_threshold=0.015):
+    from .kernels.block_sparse_attention import block_sparse_attention
+    from .kernels.pattern_search import block_means
+
+    kmean = vmean = None
+    if mean_correction:
+        # One pass over K and V gives the block statistics of both stages.
+        kmean, vmean = block_means(k, block_size, v)
+    num, idx = select_triton(q, k, scale, block_size, alpha, sink_blocks, window_blocks,
+                             last_dense_blocks, gqa_shared, vertical_slash, vs_threshold, kmean)
     return block_sparse_attention(q, k, v, num, idx, scale, block_size,
                                   mean_correction=mean_correction, kmean=kmean, vmean=vmean)
 
@@ -172,23 +184,16 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             vs_threshold, layer)
     if q.device.type != "cuda" or kernel == "reference" or collect_stats:
         return torch.ops.fp_compile.flash_prefill_eager(q, k, v, *args)
-    scale_f = ref.default_scale(q.shape[-1], scale)
-
-    def dense(q, k, v):
-        return _dense_cuda(q, k, v, scale_f)
-
-    def sparse(q, k, v):
-        return _sparse_triton(q, k, v, scale_f, block_size, alpha, sink_blocks, window_blocks,
-                              last_dense_blocks, mean_correction, gqa_shared, vertical_slash,
-                              vs_threshold)
-
-    short = q.shape[2] < min_seq_len
-    if isinstance(short, bool):
-        return dense(q, k, v) if short else sparse(q, k, v)
-    # Symbolic length (dynamic shapes): decide at run time, with the concrete length, inside the
-    # opaque op, so no guard on S enters the graph and one compiled graph serves short (dense)
-    # and long (sparse) prompts. (torch.cond would keep the kernels in Inductor's code, but in
-    # torch 2.11 its Inductor lowering rejects the lifted size symbols, and dynamo rejects k/v
-    # that are views of one tensor.) The kernels then launch from the op's Python: no host
-    # synchronisation, so CUDA graphs still capture it.
-    return torch.ops.fp_compile.flash_prefill_eager(q, k, v, *args)
+    if not isinstance(q.shape[2] < min_seq_len, bool):
+        # Symbolic length (dynamic shapes): decide at run time, with the concrete length, inside
+        # the opaque op, so no guard on S enters the graph and one compiled graph serves short
+        # (dense) and long (sparse) prompts. (torch.cond would keep the kernels in Inductor's
+        # code, but in torch 2.11 its Inductor lowering rejects the lifted size symbols, and
+        # dynamo rejects k/v that are views of one tensor.) The kernels then launch from the
+        # op's Python: no host synchronisation, so CUDA graphs still capture it.
+        return torch.ops.fp_compile.flash_prefill_eager(q, k, v, *args)
+    # Static length: the same dispatch as the eager op, traced, so the kernels' wrap_triton
+    # launches land in Inductor's code.
+    return _run(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
+                min_seq_len, kernel, mean_correction, gqa_shared, collect_stats, layer,
+                vertical_slash, vs_threshold)

@@ -133,11 +133,12 @@ def vertical_slash_scores_reference(q: torch.Tensor, k: torch.Tensor, scale: flo
     excess = excess * (key >= 0)
     # A slash line is there in every row; row-to-row noise of a salient span is not: keep the
     # smaller of the two halves' means (with one row, its own excess).
-    half = max(1, excess.shape[-2] // 2)
-    first = excess[..., :half, :].sum(dim=-2) / excess.shape[-2] * 2 if excess.shape[-2] > 1 \
-        else excess[..., 0, :]
-    second = excess[..., half:, :].sum(dim=-2) / excess.shape[-2] * 2 if excess.shape[-2] > 1 \
-        else excess[..., 0, :]
+    R = excess.shape[-2]
+    if R == 1:
+        return column, excess[..., 0, :]
+    half = R // 2
+    first = excess[..., :half, :].sum(dim=-2) / R * 2
+    second = excess[..., half:, :].sum(dim=-2) / R * 2
     return column, torch.minimum(first, second)
 
 
@@ -213,10 +214,19 @@ def select_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block_
     if vertical_slash:
         keep = add_vertical_slash(
             keep, *vertical_slash_flags_reference(q, k, scale, block_size, vs_threshold))
-    if gqa_shared and H != Hkv:
-        keep = keep.unflatten(1, (Hkv, H // Hkv)).any(dim=2, keepdim=True)
-        keep = keep.expand(B, Hkv, H // Hkv, M, M).flatten(1, 2).contiguous()
+    if gqa_shared:
+        keep = gqa_union(keep, Hkv)
     return keep
+
+
+def gqa_union(keep: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """keep (B, H, M, M) with each query head's row set to the union over its kv group."""
+    B, H, n, M = keep.shape
+    if H == num_kv_heads:
+        return keep
+    G = H // num_kv_heads
+    union = keep.unflatten(1, (num_kv_heads, G)).any(dim=2, keepdim=True)
+    return union.expand(B, num_kv_heads, G, n, M).flatten(1, 2).contiguous()
 
 
 def compact_mask(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

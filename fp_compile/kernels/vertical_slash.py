@@ -43,9 +43,6 @@ def add_vertical_slash_compact(q: torch.Tensor, k: torch.Tensor, kv_num_blocks: 
     """
     keep = ref.expand_indices(kv_num_blocks, kv_indices)
     keep = ref.add_vertical_slash(keep, *vertical_slash_flags(q, k, scale, block_size, threshold))
-    B, H, M, _ = keep.shape
-    Hkv = k.shape[1]
-    if gqa_shared and H != Hkv:
-        keep = keep.unflatten(1, (Hkv, H // Hkv)).any(dim=2, keepdim=True)
-        keep = keep.expand(B, Hkv, H // Hkv, M, M).flatten(1, 2)
+    if gqa_shared:
+        keep = ref.gqa_union(keep, k.shape[1])
     return ref.compact_mask(keep)
