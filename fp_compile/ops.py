@@ -89,24 +89,21 @@ def _dense_cuda(q, k, v, scale):
     """Dense causal attention for prompts below min_seq_len on CUDA.
 
     cuDNN where it applies: on the H200 it is the fastest dense causal kernel
-    (benchmarks/RESULTS.md: 0.33 ms vs flash 0.58 ms at 4K). It is called directly because an
+    (benchmarks/RESULTS.md: 0.26 ms vs flash 0.50 ms at 4K). It is called directly because an
     ``sdpa_kernel`` priority set while the op is traced did not reach the compiled graph (run 4
-    measured the flash kernel's time there). cuDNN takes no GQA, so k/v are repeated to H heads,
-    a copy of a few percent of the attention's time at these lengths. Other dtypes and head dims
-    go to SDPA's own choice.
+    measured the flash kernel's time there). cuDNN takes k/v with fewer heads than q (GQA)
+    as they are, so no copy. Other dtypes and head dims go to SDPA's own choice.
     """
     import torch.nn.functional as F
 
     D = q.shape[-1]
-    if q.shape[1] != k.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     if (q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= 128
             and torch.backends.cudnn.is_available()
             and torch.cuda.get_device_capability(q.device) >= (9, 0)):
         return torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, False, 0.0, True, False, scale=scale)[0]
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _record_stats(q, k, scale, block_size, alpha, sink_blocks, window_blocks,

@@ -136,3 +136,26 @@ def test_gpu_default_config_is_sparse_and_close_at_16k():
     err = rel_l2(got, expected)
     print(f"S=16384 density {density:.3f} rel err {err:.4f}")
     assert density < 0.5 and err < 0.25
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hkv,D", [(8, 128), (2, 128), (1, 64), (4, 80)])
+def test_gpu_dense_path_equals_cudnn_on_repeated_kv(hkv, D, dtype):
+    """Below min_seq_len the op runs dense (cuDNN with GQA k/v as they are): it must equal
+    cuDNN SDPA on k/v repeated to 8 heads, for q given as a transposed view as models do."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    S = 1000
+    q, k, v = planted_qkv(1, 8, hkv, S, D, seed=D + hkv, dtype=dtype, device="cuda")
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)     # (B, S, H, D) storage
+    poison = torch.full((1, 8, S, D), float("nan"), device="cuda", dtype=dtype)
+    del poison
+    got = flash_prefill(q, k, v, enable_gqa=True, config=FlashPrefillConfig())
+    rep = 8 // hkv
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                      SDPBackend.MATH]):
+        expected = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1),
+                                                  v.repeat_interleave(rep, 1), is_causal=True)
+    assert torch.isfinite(got).all()
+    assert rel_l2(got, expected) <= 5e-3
