@@ -14,8 +14,8 @@ writing a (B, H, M, M) score tensor, sorting or taking a top-k:
      (prefix sum of the keep flags plus a running count), so the row comes out ascending; the
      unused tail of the row is then written with 0.
 
-  Scores live in the log2 domain: ``log2 score_ij = m_t + log2 sum_r 2^(l_rj - m_t)`` with l
-  the logits in log2 units and m_t the max logit of the tile. The reference's shared row max
+  Scores live in the log2 domain: ``log2 score_ij = m_j + log2 sum_r 2^(l_rj - m_j)`` with l
+  the logits in log2 units and m_j the max logit of key block j over the query block's rows. The reference's shared row max
   cancels in the relative threshold ``score_ij >= alpha * max_j score_ij``, so the log form
   keeps the same blocks (up to rounding at exact ties) without overflow. NaN scores keep their
   block, and a NaN anywhere in a row keeps the whole row, as the reference's
@@ -104,29 +104,34 @@ def block_means(k: torch.Tensor, block_size: int, v: torch.Tensor | None = None,
 
 
 @triton.jit
-def _tile_log2_scores(q, kmean_row, j0, n_cols, row_ok, qk_scale,
+def _tile_log2_scores(qt, kmean_row, j0, n_cols, row_ok, qk_scale,
                       D: tl.constexpr, DP: tl.constexpr, TJ: tl.constexpr,
                       IEEE: tl.constexpr):
     """log2 score_ij of key blocks j0 .. j0 + TJ for one query block; -inf for j >= n_cols.
 
-    q: (BLOCK, DP) query rows (padding rows and dims 0); kmean_row: this (batch, kv head)'s key
-    means (M, D) in q's dtype (fp32 for fp32 q). qk_scale = scale * log2(e).
-    Returns (TJ,) fp32: m + log2 sum_r 2^(l_rj - m), m the max real logit of the tile.
+    qt: (DP, BLOCK) the query rows, transposed (padding rows and dims 0); kmean_row: this
+    (batch, kv head)'s key means (M, D) in q's dtype (fp32 for fp32 q). qk_scale =
+    scale * log2(e). Returns (TJ,) fp32: m_j + log2 sum_r 2^(l_jr - m_j), m_j the max real
+    logit of key block j.
+
+    The logits are computed transposed, key blocks x query rows, so that every reduction runs
+    along axis 1, the axis a tensor-core tile keeps inside one warp; the max is per key block
+    (not per tile), which needs no reduction across key blocks.
     """
     js = j0 + tl.arange(0, TJ)
     d = tl.arange(0, DP)
     col_ok = js < n_cols
-    km = tl.load(kmean_row + js[None, :] * D + d[:, None],
-                 mask=col_ok[None, :] & (d < D)[:, None], other=0.0)      # (DP, TJ)
+    km = tl.load(kmean_row + js[:, None] * D + d[None, :],
+                 mask=col_ok[:, None] & (d < D)[None, :], other=0.0)      # (TJ, DP)
     if IEEE:
-        logits = tl.dot(q, km, input_precision="ieee")
+        logits = tl.dot(km, qt, input_precision="ieee")
     else:
-        logits = tl.dot(q, km)
-    logits = tl.where(row_ok[:, None] & col_ok[None, :], logits * qk_scale, float("-inf"))
-    m = tl.max(tl.max(logits, axis=1), axis=0)
-    # An all-masked tile has m = -inf; 0 keeps its exps at 0 instead of NaN.
+        logits = tl.dot(km, qt)
+    logits = tl.where(col_ok[:, None] & row_ok[None, :], logits * qk_scale, float("-inf"))
+    m = tl.max(logits, axis=1)
+    # A masked key block has m = -inf; 0 keeps its exps at 0 instead of NaN (its score: -inf).
     m = tl.where(m == float("-inf"), 0.0, m)
-    return m + tl.log2(tl.sum(tl.exp2(logits - m), axis=0))
+    return m + tl.log2(tl.sum(tl.exp2(logits - m[:, None]), axis=1))
 
 
 @triton.jit
@@ -179,11 +184,11 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr,
     gs = tl.arange(0, GP)
     thr_vec = tl.full([GP], float("-inf"), tl.float32)
     for g in range(GROUP):
-        q = tl.load(q_head + g * sqh, mask=q_msk, other=0.0)
+        qt = tl.trans(tl.load(q_head + g * sqh, mask=q_msk, other=0.0))
         best = tl.full([], float("-inf"), tl.float32)
         has_nan = tl.zeros([], dtype=tl.int32)
         for t in range(0, n_tiles_a):
-            ls = _tile_log2_scores(q, kmean_row, t * TJ, i, row_ok, qk_scale, D, DP, TJ, IEEE)
+            ls = _tile_log2_scores(qt, kmean_row, t * TJ, i, row_ok, qk_scale, D, DP, TJ, IEEE)
             js = t * TJ + tl.arange(0, TJ)
             tl.store(idx_ptr + row_out + g * M * M + js, ls.to(tl.int32, bitcast=True),
                      mask=js < i)
@@ -233,8 +238,10 @@ def _launch_config(block_size: int, head_dim_p2: int) -> dict:
     if _interpreting():
         # Small tiles so that the CPU tests cross several tiles per row.
         return dict(TJ=16, num_warps=4, num_stages=1)
+    # Measured on the H200 at block 128, D 128 (benchmarks/tune_search.py, RESULTS.md run 10):
+    # TJ 64 with one warp group and no pipelining was fastest at 32K and 128K.
     tj = 64 if block_size * head_dim_p2 <= 128 * 128 else 32
-    return dict(TJ=tj, num_warps=8 if block_size >= 128 else 4, num_stages=2)
+    return dict(TJ=tj, num_warps=4, num_stages=1)
 
 
 def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, alpha: float,
