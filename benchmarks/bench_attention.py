@@ -28,6 +28,10 @@ from fp_compile import FlashPrefillConfig, flash_prefill, select_blocks  # noqa:
 from fp_compile.synthetic import planted_qkv  # noqa: E402
 
 
+# About 50 ms on an H200 (1.98 GHz): enough for the host to queue every timed call.
+SLEEP_CYCLES = 100_000_000
+
+
 def cuda_time(fn, reps: int, warmup: int = 2, sync: bool = False) -> tuple[float, float]:
     """Median and (max - min) / 2 of ``reps`` CUDA-event timings in ms (GPU time), after warm-up.
 
@@ -53,10 +57,6 @@ def cuda_time(fn, reps: int, warmup: int = 2, sync: bool = False) -> tuple[float
     torch.cuda.synchronize()
     times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
     return statistics.median(times), (max(times) - min(times)) / 2
-
-
-# About 50 ms on an H200 (1.98 GHz): enough for the host to queue every timed call.
-SLEEP_CYCLES = 100_000_000
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,6 +1,18 @@
 """Test helpers shared by the test modules."""
 
+import pytest
 import torch
+
+# Marks a test that needs a CUDA GPU; tests/conftest.py skips it when there is none.
+gpu = pytest.mark.gpu
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def poison_next_cuda_alloc(shape, dtype) -> None:
+    """Fill CUDA memory with NaN and free it: an output allocated next with the same size reuses
+    it, so elements a kernel fails to write show up as non-finite."""
+    poison = torch.full(shape, float("nan"), device="cuda", dtype=dtype)
+    del poison
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float,

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from fp_compile import FlashPrefillConfig, flash_prefill
 from fp_compile.backend import make_backend
 from fp_compile.synthetic import planted_qkv
-
-gpu = pytest.mark.gpu
+from tests.helpers import gpu, poison_next_cuda_alloc
 
 
 def rel_l2(a, b):
@@ -112,8 +111,7 @@ def test_gpu_alpha_zero_equals_sdpa(S, backend):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v = planted_qkv(1, 8, 2, S, 128, seed=S, dtype=torch.bfloat16, device="cuda")
-    poison = torch.full((1, 8, S, 128), float("nan"), device="cuda", dtype=torch.bfloat16)
-    del poison   # the op's output reuses this NaN-filled memory: unwritten elements show
+    poison_next_cuda_alloc((1, 8, S, 128), torch.bfloat16)
     got = flash_prefill(q, k, v, enable_gqa=True,
                         config=FlashPrefillConfig(alpha=0.0, min_seq_len=0))
     be = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
@@ -149,8 +147,7 @@ def test_gpu_dense_path_equals_cudnn_on_repeated_kv(hkv, D, dtype):
     S = 1000
     q, k, v = planted_qkv(1, 8, hkv, S, D, seed=D + hkv, dtype=dtype, device="cuda")
     q = q.transpose(1, 2).contiguous().transpose(1, 2)     # (B, S, H, D) storage
-    poison = torch.full((1, 8, S, D), float("nan"), device="cuda", dtype=dtype)
-    del poison
+    poison_next_cuda_alloc((1, 8, S, D), dtype)
     got = flash_prefill(q, k, v, enable_gqa=True, config=FlashPrefillConfig())
     rep = 8 // hkv
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,

@@ -15,8 +15,8 @@ writing a (B, H, M, M) score tensor, sorting or taking a top-k:
      unused tail of the row is then written with 0.
 
   Scores live in the log2 domain: ``log2 score_ij = m_j + log2 sum_r 2^(l_rj - m_j)`` with l
-  the logits in log2 units and m_j the max logit of key block j over the query block's rows. The reference's shared row max
-  cancels in the relative threshold ``score_ij >= alpha * max_j score_ij``, so the log form
+  the logits in log2 units and m_j the max logit of key block j over the query block's rows.
+  The reference's shared row max cancels in the relative threshold ``score_ij >= alpha * max_j score_ij``, so the log form
   keeps the same blocks (up to rounding at exact ties) without overflow. NaN scores keep their
   block, and a NaN anywhere in a row keeps the whole row, as the reference's
   ``~(s < alpha * max)``.

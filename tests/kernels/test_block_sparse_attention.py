@@ -15,16 +15,9 @@ from hypothesis import strategies as st
 from fp_compile.kernels import reference as ref
 from fp_compile.kernels.block_sparse_attention import (_gpu_tiles, block_sparse_attention,
                                                        block_sparse_attention_reference)
-from tests.helpers import assert_close
+from tests.helpers import DEVICE, assert_close, gpu
 
 
-def gpu(test):
-    """Marks a test that needs a CUDA GPU (skipped without one)."""
-    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-    return pytest.mark.gpu(skip(test))
-
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (atol, rtol) per dtype: fp16/bf16 round p to the input dtype before the P @ V dot.
 TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3),
              torch.bfloat16: (2e-2, 2e-2)}

@@ -16,17 +16,7 @@ from fp_compile.kernels import reference as ref
 from fp_compile.kernels.pattern_search import (block_means, pattern_search,
                                                pattern_search_reference)
 from fp_compile.synthetic import planted_qkv
-from tests.helpers import assert_close
-
-
-
-def gpu(test):
-    """Marks a test that needs a CUDA GPU (skipped without one)."""
-    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-    return pytest.mark.gpu(skip(test))
-
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.helpers import DEVICE, assert_close, gpu
 
 
 def aligned_qk(B, H, Hkv, S, D, dtype, seed=0, device=DEVICE):
