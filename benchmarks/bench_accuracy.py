@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fp_compile import FlashPrefillConfig  # noqa: E402
 from fp_compile import accuracy as acc  # noqa: E402
-from fp_compile.kernels import reference as ref  # noqa: E402
+from fp_compile.kernels.pattern_search import select_mask_reference  # noqa: E402
 from fp_compile.synthetic import planted_qkv  # noqa: E402
 
 VARIANTS = {
@@ -44,7 +44,7 @@ VARIANTS = {
 def measure(q, k, v, cfg: FlashPrefillConfig, rows) -> dict:
     scale = 1 / math.sqrt(q.shape[-1])
     t0 = time.perf_counter()
-    keep = ref.select_mask_reference(q, k, scale, cfg.block_size, cfg.alpha, cfg.sink_blocks,
+    keep = select_mask_reference(q, k, scale, cfg.block_size, cfg.alpha, cfg.sink_blocks,
                                      cfg.window_blocks, cfg.last_dense_blocks, cfg.gqa_shared,
                                      cfg.vertical_slash, cfg.vs_threshold)
     M = keep.shape[-1]

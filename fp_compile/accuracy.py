@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
-from .kernels import reference as ref
+from .kernels import utils as ku
+from .kernels.block_means import key_block_stats
 
 
 def _rows_or_all(S: int, rows: torch.Tensor | None, device) -> torch.Tensor:
@@ -27,11 +26,11 @@ def _chunked(q, k, rows, extra_width=0):
     """Yield (row indices, exact causal logits (B, Hkv, G, r, S) in fp32) over chunks of rows."""
     B, H, S, D = q.shape
     Hkv = k.shape[1]
-    step = ref._rows_per_chunk(B, H, S + extra_width, 1)
-    kf = k.to(ref.acc_dtype(k))
+    step = ku.rows_per_chunk(B, H, S + extra_width, 1)
+    kf = k.to(ku.acc_dtype(k))
     for c0 in range(0, rows.numel(), step):
         r = rows[c0:c0 + step]
-        qc = ref._group_view(q[:, :, r], Hkv).to(kf.dtype)
+        qc = ku.group_view(q[:, :, r], Hkv).to(kf.dtype)
         yield r, qc, torch.matmul(qc, kf.unsqueeze(2).transpose(-1, -2))
 
 
@@ -66,12 +65,12 @@ def sparse_and_dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kee
     """
     B, H, S, D = q.shape
     Hkv = k.shape[1]
-    M = ref.cdiv(S, block_size)
+    M = ku.cdiv(S, block_size)
     rows = _rows_or_all(S, rows, q.device)
     keep_g = keep.unflatten(1, (Hkv, H // Hkv))
-    vf = v.to(ref.acc_dtype(v))
+    vf = v.to(ku.acc_dtype(v))
     if mean_correction:
-        kmean, vmean, counts = ref.key_block_stats(k, v, block_size)
+        kmean, vmean, counts = key_block_stats(k, v, block_size)
     cols = torch.arange(S, device=q.device)
     sparse, dense = [], []
     for r, qc, logits in _chunked(q, k, rows, M if mean_correction else 0):
@@ -145,75 +144,55 @@ class CalibrationReport:
         return [dict(vars(r)) for r in self.layers]
 
 
-class _CaptureCausalSDPA(TorchFunctionMode):
-    """Calls ``on_call(index, q, k, scale)`` for each causal prefill SDPA call, in call order."""
-
-    def __init__(self, on_call):
-        super().__init__()
-        self.on_call = on_call
-        self.index = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            out = func(*args, **kwargs)
-            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
-                     "enable_gqa")
-            bound = dict(zip(names, args))
-            bound.update(kwargs)
-            q, k = bound["query"], bound["key"]
-            if (bound.get("is_causal", False) and bound.get("attn_mask") is None
-                    and q.dim() == 4 and q.shape[-2] == k.shape[-2]):
-                with torch.no_grad():
-                    self.on_call(self.index, q.detach(), k.detach(), bound.get("scale"))
-            self.index += 1  # every SDPA call counts, as the pass numbers layers
-            return out
-        return func(*args, **kwargs)
-
-
 def calibrate(model, sample_inputs, target_recall: float = 0.95,
               alphas: tuple[float, ...] = DEFAULT_ALPHAS, config=None,
               max_rows: int | None = 1024):
     """Pick alpha per layer: the largest alpha on the grid whose recall meets the target.
 
-    Runs ``model`` eagerly on each of ``sample_inputs`` (a tuple is unpacked as positional
-    arguments), capturing every causal prefill ``F.scaled_dot_product_attention`` call; layer n
-    is the n-th SDPA call of a forward pass, the numbering ``FlashPrefillConfig.layer_alpha``
-    uses. Recall is averaged over samples, heads and up to ``max_rows`` query rows drawn from the
-    second half of each prompt (None: all rows). Layers where no alpha meets the target get the
-    smallest alpha on the grid. Returns ``(config with layer_alpha, CalibrationReport)``.
+    Runs ``model`` on each of ``sample_inputs`` (a tuple is unpacked as positional arguments)
+    through the flashprefill pass itself (traced by dynamo as ``explain`` does, not compiled by
+    Inductor), so the calls measured are exactly those the backend rewrites (causal-mask folds
+    included), numbered as the pass numbers layers (``FlashPrefillConfig.layer_alpha``). The
+    rewritten calls run dense while calibrating, so every layer sees exact activations. Recall is
+    averaged over samples, heads and up to ``max_rows`` query rows drawn from the second half of
+    each prompt (None: all rows). Layers where no alpha meets the target get the smallest alpha
+    on the grid. Returns ``(config with layer_alpha, CalibrationReport)``.
     """
+    from . import dispatch
     from .config import FlashPrefillConfig
+    from .passes.sdpa_rewrite import rewrite_sdpa
 
     base = config or FlashPrefillConfig()
     grid = sorted({float(a) for a in alphas}, reverse=True)
     sums: dict[int, list] = {}
 
-    def on_call(index, q, k, scale):
-        Hkv = k.shape[1]
-        if q.shape[1] % Hkv:
-            return
-        scale = ref.default_scale(q.shape[-1], scale)
+    def on_call(layer, q, k, scale, _config):
         S = q.shape[2]
         rows = None if max_rows is None or S <= max_rows else sample_rows(S, max_rows, 0, q.device)
-        acc = sums.setdefault(index, [[0.0, 0.0] for _ in grid] + [0, S])
+        acc = sums.setdefault(layer, [[0.0, 0.0] for _ in grid] + [0, S])
         for n, a in enumerate(grid):
-            keep = ref.select_mask_reference(
-                q, k, scale, base.block_size, a, base.sink_blocks, base.window_blocks,
-                base.last_dense_blocks, base.gqa_shared, base.vertical_slash, base.vs_threshold)
+            keep = dispatch.select_mask(q, k, scale, base.replace(alpha=a))
             M = keep.shape[-1]
             acc[n][0] += float(mask_recall(q, k, keep, scale, base.block_size, rows).mean())
-            acc[n][1] += float(keep.sum()) / (keep.shape[0] * keep.shape[1] * M * (M + 1) / 2)
+            acc[n][1] += float(keep.sum()) / (keep.shape[0] * keep.shape[1] * ku.causal_blocks(M))
         acc[-2] += 1
+
+    # every layer rewritten (none left dense by the config) and run dense: exact activations
+    probe = base.replace(dense_layers=(), layer_alpha=(), min_seq_len=2 ** 62,
+                         collect_stats=False)
+
+    def backend(gm, example_inputs):
+        rewrite_sdpa(gm, probe)
+        return gm.forward
 
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
+    compiled = torch.compile(model, backend=backend)
     try:
-        with torch.no_grad(), _CaptureCausalSDPA(on_call) as mode:
+        with torch.no_grad(), dispatch.observe(on_call):
             for inp in sample_inputs:
-                mode.index = 0  # layers are numbered per forward pass
-                model(*inp) if isinstance(inp, tuple) else model(inp)
+                compiled(*inp) if isinstance(inp, tuple) else compiled(inp)
     finally:
         if was_training:
             model.train()

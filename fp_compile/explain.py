@@ -12,19 +12,6 @@ from .config import FlashPrefillConfig
 log = logging.getLogger("fp_compile")
 
 
-def _merge(reports: list):
-    """One report for every graph dynamo captured (graph breaks give several)."""
-    from .passes.sdpa_rewrite import RewriteReport
-
-    if len(reports) == 1:
-        return reports[0]
-    merged = RewriteReport()
-    for r in reports:
-        merged.rewritten.extend(r.rewritten)
-        merged.skipped.extend(r.skipped)
-    return merged
-
-
 def explain(model: Any, *example_inputs: Any, config: FlashPrefillConfig | None = None,
             dynamic: bool | None = None, **example_kwargs: Any):
     """Compile ``model`` with the flashprefill rewrite, run it once on the example inputs and
@@ -50,7 +37,9 @@ def explain(model: Any, *example_inputs: Any, config: FlashPrefillConfig | None 
     if not reports:
         raise RuntimeError("explain: dynamo captured no graph from the model (is it already "
                            "compiled, or does it run under torch.compiler.disable?)")
-    report = _merge(reports)
+    from .passes.sdpa_rewrite import RewriteReport
+
+    report = reports[0] if len(reports) == 1 else RewriteReport.merge(reports)
     log.info("flashprefill explain: %d SDPA call(s) rewritten, %d left dense, in %d graph(s)",
              len(report.rewritten), len(report.skipped), len(reports))
     return report

@@ -39,12 +39,17 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def fresh_dynamo():
-    """Dynamo's caches and fp_compile's counters cleared before and after a test (modules that
-    compile use it for every test: ``pytestmark = pytest.mark.usefixtures("fresh_dynamo")``)."""
+    """Dynamo's caches, fp_compile's counters and backend reports cleared before and after a
+    test (modules that compile use it for every test:
+    ``pytestmark = pytest.mark.usefixtures("fresh_dynamo")``)."""
     from torch._dynamo.utils import counters
+
+    from fp_compile.backend import reset_reports
 
     torch._dynamo.reset()
     counters.clear()
+    reset_reports()
     yield
     torch._dynamo.reset()
     counters.clear()
+    reset_reports()

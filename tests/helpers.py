@@ -29,3 +29,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
             f"{diff.nan_to_num(float('inf')).max().item():.3e} (atol {atol}, rtol {rtol}); "
             f"first at index {where}: got {actual[tuple(where)].item():.6g}, expected "
             f"{expected[tuple(where)].item():.6g}")
+
+
+def flash_prefill_reference(q, k, v, scale, block_size, alpha, sink_blocks, window_blocks,
+                            last_dense_blocks, min_seq_len, **options) -> torch.Tensor:
+    """The whole op in plain torch (``dispatch.reference``) with the config given field by field."""
+    from fp_compile import FlashPrefillConfig, dispatch
+
+    config = FlashPrefillConfig(block_size=block_size, alpha=alpha, sink_blocks=sink_blocks,
+                                window_blocks=window_blocks, last_dense_blocks=last_dense_blocks,
+                                min_seq_len=min_seq_len, **options)
+    return dispatch.reference(q, k, v, scale, config)

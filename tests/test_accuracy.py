@@ -10,10 +10,14 @@ import torch.nn.functional as F
 import fp_compile
 from fp_compile import FlashPrefillConfig, select_blocks
 from fp_compile import accuracy as acc
-from fp_compile.kernels import reference as ref
-from fp_compile.kernels.vertical_slash import add_vertical_slash_compact
+from fp_compile.kernels import utils as ku
+from fp_compile.kernels.block_sparse_attention import block_sparse_attention_reference
+from fp_compile.kernels.pattern_search import select_mask_reference
+from fp_compile.kernels.vertical_slash import (add_vertical_slash, add_vertical_slash_compact,
+                                              vertical_slash_flags_reference,
+                                              vertical_slash_scores_reference)
 from fp_compile.synthetic import planted_qkv
-from tests.helpers import assert_close
+from tests.helpers import assert_close, flash_prefill_reference
 
 
 def brute_probs(q, k, scale):
@@ -61,11 +65,11 @@ def test_recall_is_one_at_alpha_zero_and_rows_subset():
 
 def test_sparse_and_dense_rows_match_reference():
     q, k, v = planted_qkv(1, 4, 2, 90, 32, seed=3, dtype=torch.float64)
-    keep = ref.select_mask_reference(q, k, 0.2, 16, 0.3, 1, 1, 0)
-    num, idx = ref.compact_mask(keep)
+    keep = select_mask_reference(q, k, 0.2, 16, 0.3, 1, 1, 0)
+    num, idx = ku.compact_mask(keep)
     rows = torch.tensor([0, 40, 89])
     for mc in (False, True):
-        out = ref.block_sparse_attention_reference(q, k, v, num, idx, 0.2, 16, mean_correction=mc)
+        out = block_sparse_attention_reference(q, k, v, num, idx, 0.2, 16, mean_correction=mc)
         sp, de = acc.sparse_and_dense_rows(q, k, v, keep, 0.2, 16, rows, mean_correction=mc)
         assert_close(sp, out[:, :, rows], 1e-10, 1e-10, "sparse rows")
         dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.2, enable_gqa=True)
@@ -75,7 +79,7 @@ def test_sparse_and_dense_rows_match_reference():
 @pytest.mark.parametrize("S,bs", [(100, 16), (64, 32), (70, 64), (5, 16)])
 def test_vertical_slash_scores_brute_force(S, bs):
     q, k, _ = planted_qkv(2, 4, 2, S, 32, seed=4, dtype=torch.float64)
-    col, diag = ref.vertical_slash_scores_reference(q, k, 0.3, bs)
+    col, diag = vertical_slash_scores_reference(q, k, 0.3, bs)
     p = brute_probs(q, k, 0.3)
     M = -(-S // bs)
     rows = list(range((M - 1) * bs, S))
@@ -99,8 +103,8 @@ def test_vertical_slash_flags_and_addition():
     bs, S = 16, 160
     M = S // bs
     q, k, _ = planted_qkv(1, 2, 1, S, 32, seed=5, dtype=torch.float64)
-    col, diag = ref.vertical_slash_scores_reference(q, k, 0.2, bs)
-    cb, db = ref.vertical_slash_flags_reference(q, k, 0.2, bs, 0.01)
+    col, diag = vertical_slash_scores_reference(q, k, 0.2, bs)
+    cb, db = vertical_slash_flags_reference(q, k, 0.2, bs, 0.01)
     for h in range(2):
         for j in range(M):
             assert cb[0, h, j] == (col[0, h, j * bs:(j + 1) * bs] >= 0.01).any()
@@ -111,14 +115,14 @@ def test_vertical_slash_flags_and_addition():
             if o % bs:
                 want.add(o // bs + 1)
         assert set(db[0, h].nonzero().flatten().tolist()) == {d for d in want if d < M}
-    keep = ref.select_mask_reference(q, k, 0.2, bs, 0.5, 1, 1, 0)
-    added = ref.add_vertical_slash(keep, cb, db)
+    keep = select_mask_reference(q, k, 0.2, bs, 0.5, 1, 1, 0)
+    added = add_vertical_slash(keep, cb, db)
     for i in range(M):
         for j in range(M):
             extra = j <= i and bool(cb[0, 0, j] or db[0, 0, i - j])
             assert added[0, 0, i, j] == (keep[0, 0, i, j] or extra)
     # the option in select_mask_reference is exactly this addition
-    full = ref.select_mask_reference(q, k, 0.2, bs, 0.5, 1, 1, 0, vertical_slash=True,
+    full = select_mask_reference(q, k, 0.2, bs, 0.5, 1, 1, 0, vertical_slash=True,
                                      vs_threshold=0.01)
     assert torch.equal(full, added)
 
@@ -133,8 +137,8 @@ def test_vertical_slash_finds_planted_columns():
     k[..., 0] = 0.0
     k[0, 0, 200, 0] = (math.log(S) + 2) * math.sqrt(D)  # logit log S + 2: a heavy column
     k[0, 0, 40:60, 0] = 4 * math.sqrt(D)  # a salient span sets the row max of block scores
-    paper = ref.select_mask_reference(q, k, 1 / math.sqrt(D), bs, 0.12, 1, 1, 1)
-    vs = ref.select_mask_reference(q, k, 1 / math.sqrt(D), bs, 0.12, 1, 1, 1,
+    paper = select_mask_reference(q, k, 1 / math.sqrt(D), bs, 0.12, 1, 1, 1)
+    vs = select_mask_reference(q, k, 1 / math.sqrt(D), bs, 0.12, 1, 1, 1,
                                    vertical_slash=True, vs_threshold=0.015)
     j = 200 // bs
     assert not paper[0, 0, j + 2: -1, j].all()
@@ -145,9 +149,9 @@ def test_vertical_slash_compact_matches_reference_and_gqa_union():
     q, k, _ = planted_qkv(1, 4, 2, 200, 32, seed=6)
     args = (0.2, 16, 0.3, 1, 1, 1)
     for shared in (False, True):
-        num, idx = ref.compact_mask(ref.select_mask_reference(q, k, *args))
+        num, idx = ku.compact_mask(select_mask_reference(q, k, *args))
         got = add_vertical_slash_compact(q, k, num, idx, 0.2, 16, 0.01, gqa_shared=shared)
-        want = ref.compact_mask(ref.select_mask_reference(
+        want = ku.compact_mask(select_mask_reference(
             q, k, *args, gqa_shared=shared, vertical_slash=True, vs_threshold=0.01))
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
@@ -165,7 +169,7 @@ def test_op_with_vertical_slash_matches_reference():
                              last_dense_blocks=0, min_seq_len=0, kernel="reference",
                              vertical_slash=True, vs_threshold=0.01)
     out = fp_compile.flash_prefill(q, k, v, enable_gqa=True, config=cfg)
-    want = ref.flash_prefill_reference(q, k, v, 1 / math.sqrt(32), 16, 0.3, 1, 1, 0, 0,
+    want = flash_prefill_reference(q, k, v, 1 / math.sqrt(32), 16, 0.3, 1, 1, 0, 0,
                                        vertical_slash=True, vs_threshold=0.01)
     assert_close(out, want, 1e-6, 1e-6)
 
@@ -200,7 +204,7 @@ def test_calibrate_picks_largest_alpha_meeting_target():
         def recall_at(a):
             vals = []
             for q, k, _ in samples:
-                keep = ref.select_mask_reference(scales[r.layer] * q, k, 1 / math.sqrt(32), 16, a,
+                keep = select_mask_reference(scales[r.layer] * q, k, 1 / math.sqrt(32), 16, a,
                                                  1, 1, 0)
                 vals.append(brute_recall(scales[r.layer] * q, k, keep, 1 / math.sqrt(32), 16))
             return sum(vals) / len(vals)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -103,6 +104,8 @@ def test_mode_maps_onto_inductor_settings():
 @pytest.fixture
 def fake_inductor(monkeypatch):
     """compile_fx replaced by a recorder that runs the (rewritten) graph as is."""
+    import torch._inductor.compile_fx  # noqa: F401  (not imported yet when run alone)
+
     calls = []
 
     def compile_fx(gm, example_inputs, config_patches=None, **kwargs):
@@ -215,3 +218,86 @@ def test_tiny_hf_llama_prefill_every_layer_rewritten():
     assert not report.skipped, report
     assert counters["flashprefill"]["sdpa_rewritten"] == 2
     assert_close(got, want, 1e-4, 1e-4, "logits")
+
+
+class BrokenTwoLayers(TwoLayers):
+    """TwoLayers with a graph break between the layers, both causal: two graphs."""
+
+    def layer(self, x, proj):
+        B, S, _ = x.shape
+        q, k, v = proj(x).view(B, S, -1, self.hd).transpose(1, 2).split(
+            [self.heads, self.kv_heads, self.kv_heads], dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return x + y.transpose(1, 2).reshape(B, S, -1)
+
+    def forward(self, x):
+        x = self.layer(x, self.proj[0])
+        torch._dynamo.graph_break()
+        return self.layer(x, self.proj[1])
+
+
+def test_last_report_keeps_every_graph(fake_inductor):
+    # bug: last_report() showed only the last graph (after generate(), the decode graph)
+    torch.manual_seed(0)
+    model, x = BrokenTwoLayers().eval(), torch.randn(1, 40, 32)
+    backend = make_backend(FlashPrefillConfig(**EXACT))
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(x)
+    assert len(fake_inductor) == 2
+    for report in (last_report(), backend.last_report()):
+        assert report.graphs == 2
+        assert len(report.rewritten) == 2 and not report.skipped, report
+    assert "in 2 graphs" in str(last_report())
+    assert len(backend.reports) == 2
+
+
+def test_mode_with_options(fake_inductor):
+    # torch.compile refuses mode= and options= together (the README said it worked): the mode
+    # goes into options, or the config is bound with make_backend and mode= passed as usual
+    model, x = model_and_input()
+    with pytest.raises(RuntimeError, match="mode"):
+        torch.compile(model, backend=flashprefill_backend, mode="reduce-overhead",
+                      options=EXACT)
+    with torch.no_grad():
+        torch.compile(model, backend=flashprefill_backend,
+                      options=dict(EXACT, mode="reduce-overhead"))(x)
+        torch._dynamo.reset()
+        torch.compile(model, backend=make_backend(FlashPrefillConfig(**EXACT)),
+                      mode="reduce-overhead")(x)
+    for gm, patches in fake_inductor:
+        assert patches == {"triton.cudagraphs": True}
+        assert len([n for n in gm.graph.nodes if n.target is OP]) == 1
+    assert len(fake_inductor) == 2
+
+
+def test_inference_with_grad_enabled_warns_once_per_backend(fake_inductor):
+    torch.manual_seed(0)
+    model, x = BrokenTwoLayers().eval(), torch.randn(1, 40, 32)
+    backend = make_backend(FlashPrefillConfig(**EXACT))
+    with pytest.warns(UserWarning, match="torch.no_grad") as caught:
+        torch.compile(model, backend=backend)(x)
+    grad_warnings = [w for w in caught if "require grad" in str(w.message)]
+    assert len(grad_warnings) == 1              # two graphs, one warning
+    assert {s.reason for s in backend.last_report().skipped} == {"requires grad"}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")          # inference mode: no warning at all
+        torch._dynamo.reset()
+        torch.compile(model, backend=make_backend(FlashPrefillConfig(**EXACT)))(x)
+
+
+def test_fake_kernel_checks_inputs_with_the_eager_message():
+    from fp_compile.ops import op_config_args
+
+    cfg = FlashPrefillConfig(**EXACT)
+
+    def call(q, k, v):
+        return torch.ops.fp_compile.flash_prefill(q, k, v, None, *op_config_args(cfg))
+
+    q, k, v = torch.randn(1, 4, 32, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 8)
+    with pytest.raises(ValueError, match="head dim of value") as eager:
+        call(q, k, v)
+    with pytest.raises(Exception, match="head dim of value") as compiled:
+        torch.compile(call, backend="eager", fullgraph=True)(q, k, v)
+    assert str(eager.value) in str(compiled.value)
+    with pytest.raises(Exception, match="prefill needs S_q == S_kv"):
+        torch.compile(call, backend="eager", fullgraph=True)(q[:, :, :16], k, v[..., :16])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fp_compile.kernels import reference as ref
+from fp_compile.kernels.pattern_search import select_mask_reference
 from fp_compile.synthetic import planted_qkv, planted_qkv_with_info
 
 
@@ -57,7 +57,7 @@ def test_structure_present():
     # slash head (2): the band around row - offset beats uniform by a wide margin
     assert torch.stack(band).mean() > 3
     # uniform random q/k would give density near 1; planted structure makes it sparse
-    keep = ref.select_mask_reference(q, k, 1 / math.sqrt(D), 128, 0.12, 2, 4, 2)
+    keep = select_mask_reference(q, k, 1 / math.sqrt(D), 128, 0.12, 2, 4, 2)
     M = keep.shape[-1]
     assert keep.sum().item() / (keep[..., 0].numel() * (M + 1) / 2) < 0.6
 
@@ -66,7 +66,7 @@ def test_density_falls_with_length():
     dens = []
     for S in (1024, 4096):
         q, k, _ = planted_qkv(1, 2, 1, S, 32, seed=1)
-        keep = ref.select_mask_reference(q, k, 1 / math.sqrt(32), 64, 0.12, 2, 4, 2)
+        keep = select_mask_reference(q, k, 1 / math.sqrt(32), 64, 0.12, 2, 4, 2)
         M = keep.shape[-1]
         dens.append(keep.sum().item() / (2 * M * (M + 1) / 2))
     assert dens[1] < dens[0]

@@ -1,0 +1,12 @@
+"""FlashPrefill's Triton kernels, one per module, each with the plain-torch reference that
+defines what it computes:
+
+* ``block_means``: mean key (and value) of every key block;
+* ``pattern_search``: the block selection (scores, threshold, compaction) and the reference of
+  the whole selection rule;
+* ``block_sparse_attention``: online-softmax attention over the kept blocks;
+* ``vertical_slash``: the heavy column / diagonal detector (plain torch for now);
+* ``utils``: sizes, dtypes and selection layouts shared by all of them.
+
+Which of them runs for a given call is decided in ``fp_compile.dispatch``.
+"""

@@ -1,6 +1,6 @@
 """Triton block-sparse flash-attention forward of FlashPrefill.
 
-Computes exactly ``reference.block_sparse_attention_reference``: causal softmax attention of
+Computes exactly ``block_sparse_attention_reference`` (below): causal softmax attention of
 every query row over the key blocks its query block keeps (FlexAttention's compact BlockMask
 layout), optionally with FlashPrefill V2's mean correction.
 
@@ -29,20 +29,14 @@ Dots take q's dtype with fp32 accumulation; fp32 inputs use TF32 only when
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from . import reference as ref
-
-_LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .block_means import block_means, key_block_stats
+from .utils import (LOG2E, acc_dtype, cdiv, check_kernel_dtype, expand_indices, group_view,
+                    interpreting, rows_per_chunk)
 
 
 @triton.jit
@@ -223,7 +217,7 @@ def _gpu_tiles(block_size: int, head_dim_p2: int, elt_bytes: int):
 
 def _block_j(head_dim_p2: int) -> int:
     """Key blocks per mean-correction step (16 when interpreting, so tests cross chunks)."""
-    return 16 if _interpreting() or head_dim_p2 > 128 else 32
+    return 16 if interpreting() or head_dim_p2 > 128 else 32
 
 
 def _autotune_key(block_size: int, head_dim_p2: int, elt_bytes: int) -> tuple[int, int, int]:
@@ -259,24 +253,19 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention over the kept key blocks. Returns (B, H, S, D) in q's dtype.
 
-    q (B, H, S, D); k, v (B, Hkv, S, D), H % Hkv == 0; any strides; fp16/bf16/fp32 (fp64 runs
-    the reference). kv_num_blocks (B, H, M) int32, kv_indices (B, H, M, M) int32, M =
+    q (B, H, S, D); k, v (B, Hkv, S, D), H % Hkv == 0; any strides; fp16/bf16/fp32 (other
+    dtypes go to the reference, which the dispatch chooses). kv_num_blocks (B, H, M) int32, kv_indices (B, H, M, M) int32, M =
     ceil(S / block_size): each row's first kv_num_blocks entries are its kept key blocks,
     ascending. mean_correction: skipped blocks before the diagonal enter as pseudo-tokens;
     kmean / vmean (B, Hkv, M, D) block means (computed here when None).
     tile: (BLOCK_M, BLOCK_N, num_warps, num_stages) to bypass autotuning (benchmarks, tests).
     out: optional (B, H, S, D) buffer of q's dtype, any strides, written in full and returned.
     """
-    if q.dtype == torch.float64:
-        res = block_sparse_attention_reference(q, k, v, kv_num_blocks, kv_indices, scale,
-                                               block_size, mean_correction)
-        return res if out is None else out.copy_(res)
+    check_kernel_dtype(q, "block_sparse_attention")
     B, H, S, D = q.shape
     Hkv = k.shape[1]
     if mean_correction:
         if kmean is None or vmean is None:
-            from .pattern_search import block_means
-
             kmean, vmean = block_means(k, block_size, v)
         kmean = kmean.to(torch.float32).contiguous()
         vmean = vmean.to(torch.float32).contiguous()
@@ -291,10 +280,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     args = (q, k, v, out, kv_num_blocks, kv_indices, kmean, vmean,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *kv_num_blocks.stride(), *kv_indices.stride(),
-            S, H, H // Hkv, float(scale) * _LOG2E)
+            S, H, H // Hkv, float(scale) * LOG2E)
     consts = dict(D=D, DP=DP, BLOCK_SIZE=block_size, BLOCK_J=_block_j(DP),
                   MEAN_CORRECTION=bool(mean_correction), DOT_PRECISION=precision)
-    if tile is None and _interpreting():
+    if tile is None and interpreting():
         # Autotune cannot run without a GPU; small tiles keep the interpreter quick.
         bm = min(block_size, 32)
         tile = (bm, bm, 4, 1)
@@ -314,10 +303,49 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out
 
 
+# ------------------------------------------------------------------------------ reference
+
 def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
                                      scale: float, block_size: int,
                                      mean_correction: bool = False) -> torch.Tensor:
-    """Plain-torch definition of ``block_sparse_attention`` (same arguments and output)."""
-    return ref.block_sparse_attention_reference(q, k, v, kv_num_blocks, kv_indices, scale,
-                                                block_size, mean_correction)
+    """Exact causal softmax attention restricted to the kept blocks. Returns (B, H, S, D).
+
+    With ``mean_correction`` every skipped key block that lies fully before the query block
+    enters the softmax as one pseudo-token: logit scale * q . kmean_j + log(count_j), value
+    vmean_j (FlashPrefill V2's zero-order term).
+    """
+    B, H, S, D = q.shape
+    Hkv = k.shape[1]
+    M = cdiv(S, block_size)
+    keep = expand_indices(kv_num_blocks, kv_indices)  # (B,H,M,M)
+    keep_g = keep.unflatten(1, (Hkv, H // Hkv))
+    out = torch.empty_like(q)
+    kf, vf = k.to(acc_dtype(k)), v.to(acc_dtype(v))
+    if mean_correction:
+        kmean, vmean, counts = key_block_stats(k, v, block_size)
+    rows_step = rows_per_chunk(B, H, S + (M if mean_correction else 0), 1)
+    cols = torch.arange(S, device=q.device)
+    col_block = cols // block_size
+    for r0 in range(0, S, rows_step):
+        r1 = min(S, r0 + rows_step)
+        rows = torch.arange(r0, r1, device=q.device)
+        row_block = rows // block_size
+        qc = group_view(q[:, :, r0:r1], Hkv).to(kf.dtype)
+        logits = scale * torch.matmul(qc, kf.unsqueeze(2).transpose(-1, -2))  # (B,Hkv,G,r,S)
+        block_ok = keep_g[:, :, :, row_block][..., col_block]  # (B,Hkv,G,r,S)
+        allowed = block_ok & (cols[None, :] <= rows[:, None])
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        if mean_correction:
+            skipped = ~keep_g[:, :, :, row_block] & (
+                torch.arange(M, device=q.device)[None, :] < row_block[:, None])
+            pseudo = scale * torch.matmul(qc, kmean.unsqueeze(2).transpose(-1, -2))
+            pseudo = (pseudo + counts.log()).masked_fill(~skipped, float("-inf"))
+            p = torch.softmax(torch.cat([logits, pseudo], dim=-1), dim=-1)
+            o = torch.matmul(p[..., :S], vf.unsqueeze(2)) + torch.matmul(
+                p[..., S:], vmean.unsqueeze(2))
+        else:
+            p = torch.softmax(logits, dim=-1)
+            o = torch.matmul(p, vf.unsqueeze(2))
+        out[:, :, r0:r1] = o.flatten(1, 2).to(q.dtype)
+    return out

@@ -71,6 +71,16 @@ class RewriteReport:
 
     rewritten: list[Rewritten] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    graphs: int = 1
+
+    @classmethod
+    def merge(cls, reports: list["RewriteReport"]) -> "RewriteReport":
+        """One report for several graphs (graph breaks, prefill and decode graphs)."""
+        merged = cls(graphs=sum(r.graphs for r in reports))
+        for r in reports:
+            merged.rewritten.extend(r.rewritten)
+            merged.skipped.extend(r.skipped)
+        return merged
 
     def table(self) -> str:
         rows = [("layer", "node", "action", "detail")]
@@ -87,7 +97,8 @@ class RewriteReport:
 
     def __str__(self) -> str:
         head = (f"flashprefill: {len(self.rewritten)} SDPA call(s) rewritten, "
-                f"{len(self.skipped)} left dense")
+                f"{len(self.skipped)} left dense"
+                + (f" in {self.graphs} graphs" if self.graphs > 1 else ""))
         return head if not (self.rewritten or self.skipped) else head + "\n" + self.table()
 
 

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fp_compile.kernels import reference as ref
+from fp_compile import FlashPrefillConfig, dispatch
+from fp_compile.kernels import utils as ku
+from fp_compile.kernels.block_means import key_block_stats
 from fp_compile.kernels.block_sparse_attention import (_gpu_tiles, block_sparse_attention,
                                                        block_sparse_attention_reference)
 from tests.helpers import DEVICE, assert_close, gpu
@@ -40,7 +42,7 @@ def random_selection(B, H, S, block_size, density, seed=0, device=DEVICE,
     The diagonal is always kept (keep_diagonal=False: dropped at random, with block 0 kept
     instead, so no row is empty).
     """
-    M = ref.cdiv(S, block_size)
+    M = ku.cdiv(S, block_size)
     g = torch.Generator().manual_seed(seed + 1000)
     keep = torch.rand(B, H, M, M, generator=g) < density
     i = torch.arange(M)
@@ -51,7 +53,7 @@ def random_selection(B, H, S, block_size, density, seed=0, device=DEVICE,
     else:
         keep[..., 0] = True
         keep &= ~eye | (torch.rand(B, H, M, M, generator=g) < 0.5)
-    num, idx = ref.compact_mask(keep)
+    num, idx = ku.compact_mask(keep)
     return num.to(device), idx.to(device)
 
 
@@ -125,9 +127,9 @@ def test_diagonal_not_kept(mean_correction):
 def test_all_blocks_kept_is_dense_sdpa(B, H, Hkv, S, D, block_size):
     """alpha = 0 selects every causal block: then the kernel is dense causal attention."""
     q, k, v = make_qkv(B, H, Hkv, S, D, torch.float32, seed=3)
-    M = ref.cdiv(S, block_size)
+    M = ku.cdiv(S, block_size)
     keep = torch.ones(M, M, dtype=torch.bool).tril().expand(B, H, M, M)
-    num, idx = (t.to(DEVICE) for t in ref.compact_mask(keep))
+    num, idx = (t.to(DEVICE) for t in ku.compact_mask(keep))
     for mean_correction in (False, True):  # nothing skipped: no pseudo-tokens either
         got = block_sparse_attention(q, k, v, num, idx, 0.2, block_size,
                                      mean_correction=mean_correction)
@@ -142,7 +144,7 @@ def test_mean_correction_changes_the_output_and_uses_given_means():
     q, k, v = make_qkv(B, H, Hkv, S, D, torch.float32, seed=5)
     num, idx = random_selection(B, H, S, bs, 0.2, seed=5)
     plain = block_sparse_attention(q, k, v, num, idx, 0.25, bs)
-    kmean, vmean, _ = ref.key_block_stats(k, v, bs)
+    kmean, vmean, _ = key_block_stats(k, v, bs)
     given_means = block_sparse_attention(q, k, v, num, idx, 0.25, bs, mean_correction=True,
                                          kmean=kmean, vmean=vmean)
     computed = block_sparse_attention(q, k, v, num, idx, 0.25, bs, mean_correction=True)
@@ -156,11 +158,11 @@ def test_mean_correction_changes_the_output_and_uses_given_means():
 def test_entries_after_the_diagonal_are_ignored():
     """Kept lists may name blocks past the diagonal; like the reference, they add nothing."""
     B, H, S, bs = 1, 2, 80, 16
-    M = ref.cdiv(S, bs)
+    M = ku.cdiv(S, bs)
     q, k, v = make_qkv(B, H, H, S, 16, torch.float32, seed=7)
     g = torch.Generator().manual_seed(7)
     keep = (torch.rand(B, H, M, M, generator=g) < 0.5) | torch.eye(M, dtype=torch.bool)
-    num, idx = (t.to(DEVICE) for t in ref.compact_mask(keep))
+    num, idx = (t.to(DEVICE) for t in ku.compact_mask(keep))
     got = block_sparse_attention(q, k, v, num, idx, 0.25, bs, mean_correction=True)
     expected = block_sparse_attention_reference(q, k, v, num, idx, 0.25, bs, True)
     assert_close(got, expected, 2e-5, 2e-5)
@@ -179,10 +181,13 @@ def test_strided_inputs_and_output():
     assert_close(got, expected, *TOLERANCE[torch.float16])
 
 
-def test_float64_runs_the_reference():
+def test_float64_is_refused_by_the_kernel_and_dispatched_to_the_reference():
     q, k, v = make_qkv(1, 2, 1, 40, 16, torch.float64, seed=11)
     num, idx = random_selection(1, 2, 40, 16, 0.5, seed=11)
-    got = block_sparse_attention(q, k, v, num, idx, 0.3, 16, mean_correction=True)
+    with pytest.raises(TypeError, match="float16/bfloat16/float32"):
+        block_sparse_attention(q, k, v, num, idx, 0.3, 16)
+    config = FlashPrefillConfig(block_size=16, kernel="triton", mean_correction=True)
+    got = dispatch.sparse(q, k, v, 0.3, config, num, idx)
     assert got.dtype == torch.float64
     assert_close(got, block_sparse_attention_reference(q, k, v, num, idx, 0.3, 16, True),
                  1e-12, 1e-12)
@@ -224,13 +229,13 @@ def rel_l2(a, b):
 
 def structured_selection(B, H, S, block_size, density, seed=0):
     """A FlashPrefill-like selection: sinks, a local window, random blocks, dense last rows."""
-    M = ref.cdiv(S, block_size)
+    M = ku.cdiv(S, block_size)
     g = torch.Generator().manual_seed(seed)
     i = torch.arange(M)[:, None]
     j = torch.arange(M)[None, :]
     keep = (torch.rand(B, H, M, M, generator=g) < density) | (j < 2) | (j > i - 4) | (i >= M - 2)
     keep &= j <= i
-    return tuple(t.to("cuda") for t in ref.compact_mask(keep))
+    return tuple(t.to("cuda") for t in ku.compact_mask(keep))
 
 
 @gpu
@@ -269,9 +274,9 @@ def test_gpu_all_causal_blocks_is_sdpa(S):
     """alpha = 0 keeps every causal block: the kernel must equal dense causal SDPA."""
     B, H, Hkv, D, bs = 1, 8, 2, 128, 128
     q, k, v = make_qkv(B, H, Hkv, S, D, torch.bfloat16, seed=S)
-    M = ref.cdiv(S, bs)
+    M = ku.cdiv(S, bs)
     keep = torch.ones(M, M, dtype=torch.bool).tril().expand(B, H, M, M)
-    num, idx = (t.cuda() for t in ref.compact_mask(keep))
+    num, idx = (t.cuda() for t in ku.compact_mask(keep))
     got = block_sparse_attention(q, k, v, num, idx, D ** -0.5, bs)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert torch.isfinite(got).all()

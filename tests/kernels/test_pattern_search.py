@@ -12,9 +12,9 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fp_compile.kernels import reference as ref
-from fp_compile.kernels.pattern_search import (block_means, pattern_search,
-                                               pattern_search_reference)
+from fp_compile.kernels import utils as ku
+from fp_compile.kernels.block_means import block_means, key_block_means
+from fp_compile.kernels.pattern_search import pattern_search, pattern_search_reference
 from fp_compile.synthetic import planted_qkv
 from tests.helpers import DEVICE, assert_close, gpu
 
@@ -48,7 +48,7 @@ def assert_same_selection(got, expected, max_diff_fraction=0.0):
     assert (idx[~used] == 0).all(), "unused kv_indices entries must be 0"
     nxt = torch.cat([idx[..., 1:], idx.new_full(idx.shape[:-1] + (1,), M)], dim=-1)
     assert ((nxt > idx) | ~used | ~(slot + 1 < num[..., None])).all(), "rows not ascending"
-    keep, rkeep = ref.expand_indices(num, idx), ref.expand_indices(rnum, ridx)
+    keep, rkeep = ku.expand_indices(num, idx), ku.expand_indices(rnum, ridx)
     diff = keep != rkeep
     causal = num.numel() * (M + 1) // 2
     if max_diff_fraction == 0.0:
@@ -89,7 +89,7 @@ def test_matches_reference_on_aligned_inputs(case):
     got = pattern_search(*args, gqa_shared=shared)
     expected = pattern_search_reference(*args, gqa_shared=shared)
     assert_same_selection(got, expected)
-    M = ref.cdiv(S, bs)
+    M = ku.cdiv(S, bs)
     if alpha == 0.0:
         assert density(got[0], M) == 1.0
 
@@ -177,11 +177,11 @@ def test_block_means(S, D, bs, dtype):
     k = (torch.randn(2, 3, S, D, generator=g) + 1.5).to(DEVICE, dtype)
     v = torch.randn(2, 3, S, D, generator=g).to(DEVICE, dtype)
     kmean = block_means(k, bs)
-    assert kmean.dtype == torch.float32 and kmean.shape == (2, 3, ref.cdiv(S, bs), D)
-    assert_close(kmean, ref.key_block_means(k, bs), 1e-6, 1e-5, "kmean")
+    assert kmean.dtype == torch.float32 and kmean.shape == (2, 3, ku.cdiv(S, bs), D)
+    assert_close(kmean, key_block_means(k, bs), 1e-6, 1e-5, "kmean")
     km2, vmean = block_means(k.transpose(1, 2).contiguous().transpose(1, 2), bs, v)
     assert_close(km2, kmean, 1e-6, 1e-5, "kmean of strided k")
-    assert_close(vmean, ref.key_block_means(v, bs), 1e-6, 1e-5, "vmean")
+    assert_close(vmean, key_block_means(v, bs), 1e-6, 1e-5, "vmean")
 
 
 @gpu
@@ -222,7 +222,7 @@ def test_gpu_matches_reference(case, shared, alpha):
     got = pattern_search(*args, gqa_shared=shared)
     expected = pattern_search_reference(*args, gqa_shared=shared)
     assert_same_selection(got, expected, max_diff_fraction=tol)
-    M = ref.cdiv(S, 128)
+    M = ku.cdiv(S, 128)
     assert density(got[0], M) < 0.9
 
 

@@ -1,0 +1,96 @@
+"""Triton: the mean key (and value) of every key block, padding excluded, + its reference.
+
+FlashPrefill scores query rows against one summary key per key block; mean correction also
+needs the mean value. One program per (key block, batch * kv head) reads the block once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .utils import acc_dtype, cdiv, check_kernel_dtype
+
+
+@triton.jit
+def _block_means_kernel(k_ptr, v_ptr, kmean_ptr, vmean_ptr,
+                        skb, skh, sks, skd, svb, svh, svs, svd,
+                        S, M, Hkv,
+                        BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
+                        ROWS: tl.constexpr, HAS_V: tl.constexpr):
+    """One program per (key block j, batch * kv head): fp32 means over the block's real rows."""
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hkv).to(tl.int64)
+    h = (bh % Hkv).to(tl.int64)
+    d = tl.arange(0, DP)
+    d_ok = d < D
+    k_sum = tl.zeros([DP], dtype=tl.float32)
+    v_sum = tl.zeros([DP], dtype=tl.float32)
+    for r0 in tl.static_range(0, BLOCK, ROWS):
+        rows = j * BLOCK + r0 + tl.arange(0, ROWS)
+        msk = (rows < S)[:, None] & d_ok[None, :]
+        kt = tl.load(k_ptr + b * skb + h * skh + rows[:, None].to(tl.int64) * sks
+                     + d[None, :] * skd, mask=msk, other=0.0)
+        k_sum += tl.sum(kt.to(tl.float32), axis=0)
+        if HAS_V:
+            vt = tl.load(v_ptr + b * svb + h * svh + rows[:, None].to(tl.int64) * svs
+                         + d[None, :] * svd, mask=msk, other=0.0)
+            v_sum += tl.sum(vt.to(tl.float32), axis=0)
+    count = tl.minimum(S - j * BLOCK, BLOCK).to(tl.float32)
+    out = (bh.to(tl.int64) * M + j) * D + d
+    tl.store(kmean_ptr + out, (k_sum / count).to(kmean_ptr.dtype.element_ty), mask=d_ok)
+    if HAS_V:
+        tl.store(vmean_ptr + out, (v_sum / count).to(vmean_ptr.dtype.element_ty), mask=d_ok)
+
+
+def block_means(k: torch.Tensor, block_size: int, v: torch.Tensor | None = None, *,
+                out_dtype: torch.dtype = torch.float32):
+    """Mean key (and value) of every key block, padding excluded.
+
+    k, v: (B, Hkv, S, D), any strides, fp16/bf16/fp32. Returns kmean (B, Hkv, M, D), or
+    (kmean, vmean) when v is given; M = ceil(S / block_size). Sums are fp32; the means are
+    stored (rounded once) in ``out_dtype``.
+    """
+    check_kernel_dtype(k, "block_means")
+    B, Hkv, S, D = k.shape
+    M = cdiv(S, block_size)
+    kmean = torch.empty((B, Hkv, M, D), dtype=out_dtype, device=k.device)
+    vmean = torch.empty_like(kmean) if v is not None else kmean
+    vv = v if v is not None else k
+    DP = max(16, triton.next_power_of_2(int(D)))
+    # Row chunks keep the per-program tile at <= 4K elements (no register spills at D = 256).
+    rows = max(1, min(block_size, 4096 // DP))
+    wrap_triton(_block_means_kernel)[(M, B * Hkv)](
+        k, vv, kmean, vmean, *k.stride(), *vv.stride(), S, M, Hkv,
+        BLOCK=block_size, D=D, DP=DP, ROWS=rows, HAS_V=v is not None, num_warps=4)
+    return kmean if v is None else (kmean, vmean)
+
+
+# ------------------------------------------------------------------------------ reference
+
+def block_counts(S: int, block_size: int, device, dtype=torch.float32) -> torch.Tensor:
+    """Tokens in each key block: (M,), the last one partial when S % block_size != 0."""
+    M = cdiv(S, block_size)
+    counts = torch.full((M,), float(block_size), device=device, dtype=dtype)
+    counts[-1] = S - (M - 1) * block_size
+    return counts
+
+
+def key_block_means(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Plain-torch ``block_means``: (B, Hkv, S, D) -> (B, Hkv, M, D) fp32 (fp64 for fp64)."""
+    B, Hkv, S, D = k.shape
+    M = cdiv(S, block_size)
+    kf = F.pad(k.to(acc_dtype(k)), (0, 0, 0, M * block_size - S))
+    sums = kf.view(B, Hkv, M, block_size, D).sum(dim=3)
+    return sums / block_counts(S, block_size, k.device, sums.dtype)[:, None]
+
+
+def key_block_stats(k: torch.Tensor, v: torch.Tensor, block_size: int):
+    """Per key block: mean key, mean value (fp32, (B, Hkv, M, D)) and token count ((M,) fp32)."""
+    kmean = key_block_means(k, block_size)
+    counts = block_counts(k.shape[2], block_size, k.device, kmean.dtype)
+    return kmean, key_block_means(v, block_size), counts

@@ -1,0 +1,95 @@
+"""Helpers shared by the kernels and their references: sizes, dtypes, layouts of a selection.
+
+Layouts: q (B, H, S, D); k, v (B, Hkv, S, D) with H % Hkv == 0. A selection is either a dense
+bool mask ``keep`` (B, H, M, M) or FlexAttention's compact form ``kv_num_blocks`` (B, H, M)
+int32 + ``kv_indices`` (B, H, M, M) int32, rows ascending, entries past the count 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+LOG2E = 1.4426950408889634
+
+# Upper bound on the fp32 scratch one chunk of a reference's logits may take (bytes).
+CHUNK_BYTES = 256 * 1024 * 1024
+
+# The dtypes the Triton kernels take; float64 goes to the references (the dispatch decides).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (TRITON_INTERPRET=1, read at triton import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def default_scale(head_dim: int, scale: float | None) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def check_kernel_dtype(q: torch.Tensor, what: str) -> None:
+    if q.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{what}: the Triton kernel takes float16/bfloat16/float32, got "
+                        f"{q.dtype} (the reference path serves other dtypes)")
+
+
+def group_view(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(B, H, S, D) -> (B, Hkv, G, S, D) without a copy when q's head dim is contiguous."""
+    return q.unflatten(1, (num_kv_heads, q.shape[1] // num_kv_heads))
+
+
+def rows_per_chunk(B: int, H: int, width: int, multiple: int) -> int:
+    """Query rows per chunk so that (B, H, rows, width) fp32 logits stay under CHUNK_BYTES."""
+    rows = max(1, CHUNK_BYTES // max(1, B * H * width * 4))
+    return max(multiple, rows // multiple * multiple)
+
+
+def causal_blocks(M: int) -> int:
+    """Number of (query block, key block) pairs with j <= i."""
+    return M * (M + 1) // 2
+
+
+def gqa_union(keep: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """keep (B, H, n, M) with each query head's row set to the union over its kv group."""
+    B, H, n, M = keep.shape
+    if H == num_kv_heads:
+        return keep
+    G = H // num_kv_heads
+    union = keep.unflatten(1, (num_kv_heads, G)).any(dim=2, keepdim=True)
+    return union.expand(B, num_kv_heads, G, n, M).flatten(1, 2).contiguous()
+
+
+def compact_mask(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense (B, H, M, M) bool -> (kv_num_blocks (B, H, M) int32, kv_indices (B, H, M, M) int32).
+
+    Each row of kv_indices lists its kept key blocks ascending; entries past the count are 0.
+    """
+    M = keep.shape[-1]
+    j = torch.arange(M, device=keep.device)
+    order = torch.where(keep, j, j + M).argsort(dim=-1)
+    num = keep.sum(dim=-1, dtype=torch.int32)
+    idx = torch.where(j < num[..., None], order, torch.zeros_like(order))
+    return num, idx.to(torch.int32)
+
+
+def expand_indices(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
+    """Compact form -> dense (B, H, M, M) bool mask."""
+    M = kv_indices.shape[-1]
+    valid = torch.arange(M, device=kv_indices.device) < kv_num_blocks[..., None]
+    keep = torch.zeros(kv_indices.shape, dtype=torch.bool, device=kv_indices.device)
+    keep.scatter_(-1, kv_indices.long(), valid)
+    # scatter of a False from an unused slot must not clear a kept block 0
+    keep[..., 0] |= (valid & (kv_indices == 0)).any(dim=-1)
+    return keep
