@@ -211,7 +211,30 @@ def test_calibrate_picks_largest_alpha_meeting_target():
         assert abs(recall_at(r.alpha) - r.recall) < 1e-5
         larger = [a for a in alphas if a > r.alpha]
         assert all(recall_at(a) < 0.97 for a in larger)
-    assert "layer" in str(report)
+    assert "0.97" in str(report) and "target missed" not in str(report)
+
+
+class MaskFromSizesModel(nn.Module):
+    """Builds its causal mask from sizes (as Hugging Face models do while dynamo traces) and
+    passes it with is_causal=False: the pass folds it, so calibrate must measure it too."""
+
+    def forward(self, q, k, v):
+        S = q.shape[2]
+        mask = torch.arange(S)[None, :] <= torch.arange(S)[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_calibrate_sees_the_calls_the_pass_rewrites_through_a_causal_mask():
+    samples = [planted_qkv(1, 2, 2, 256, 32, seed=0)]
+    base = FlashPrefillConfig(block_size=16, sink_blocks=1, window_blocks=1, last_dense_blocks=0)
+    model = MaskFromSizesModel()
+    with torch.no_grad():
+        explained = fp_compile.explain(model, *samples[0], config=base)
+    assert [r.layer for r in explained.rewritten] == [0], explained
+    cfg, report = fp_compile.calibrate(model, samples, target_recall=0.9,
+                                       alphas=(0.5, 0.1, 0.0), config=base)
+    assert [r.layer for r in report.layers] == [0], report
+    assert [layer for layer, _ in cfg.layer_alpha] == [0]
 
 
 @pytest.mark.gpu
