@@ -2,7 +2,7 @@
 
     python benchmarks/bench_attention.py --out results/          # H200: about 5 minutes
 
-Inputs carry planted attention structure (fp_compile.synthetic). Every row is checked against
+Inputs carry planted attention structure (fp_compile.demo.synthetic). Every row is checked against
 dense attention before it is timed: the op's error vs dense (what sparsity costs) and the
 attention kernel vs compiled FlexAttention on the same BlockMask (should agree to rounding).
 Times are medians of CUDA-event timings after warm-up. Writes a JSON, a CSV and a PNG to --out.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from fp_compile import FlashPrefillConfig, flash_prefill, select_blocks  # noqa: E402
-from fp_compile.synthetic import planted_qkv  # noqa: E402
+from fp_compile.demo.synthetic import planted_qkv  # noqa: E402
 
 
 # About 50 ms on an H200 (1.98 GHz): enough for the host to queue every timed call.

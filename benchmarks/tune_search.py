@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention import cuda_time  # noqa: E402
 from fp_compile import FlashPrefillConfig  # noqa: E402
 from fp_compile.kernels import pattern_search as ps  # noqa: E402
-from fp_compile.synthetic import planted_qkv  # noqa: E402
+from fp_compile.demo.synthetic import planted_qkv  # noqa: E402
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import fp_compile
-from fp_compile.models import ModelArgs, build_hf_llama
+from fp_compile.demo.models import ModelArgs, build_hf_llama
 
 
 def main(argv=None):

@@ -16,7 +16,7 @@ import torch
 
 import fp_compile
 from fp_compile.export import apply_flashprefill
-from fp_compile.models import ModelArgs, Transformer, plant_attention_structure
+from fp_compile.demo.models import ModelArgs, Transformer, plant_attention_structure
 
 
 class Prefill(torch.nn.Module):

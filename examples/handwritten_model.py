@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import fp_compile
-from fp_compile.models import ModelArgs, Transformer, generate, plant_attention_structure
+from fp_compile.demo.models import ModelArgs, Transformer, generate, plant_attention_structure
 
 
 def main(argv=None):

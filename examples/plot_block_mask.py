@@ -11,8 +11,8 @@ import argparse
 import os
 
 from fp_compile import FlashPrefillConfig, select_blocks
-from fp_compile.plotting import plot_selection
-from fp_compile.synthetic import planted_qkv
+from fp_compile.demo.plotting import plot_selection
+from fp_compile.demo.synthetic import planted_qkv
 
 ROLES = ("streaming", "vertical", "slash", "retrieval")
 

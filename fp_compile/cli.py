@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import FlashPrefillConfig
-from . import models as fm
+from .demo import models as fm
 
 # Defaults per device: small enough for a 2-core CPU, big enough on a GPU for real speedups.
 DEMO_DEFAULTS = {
@@ -103,7 +103,7 @@ def build_model(args: argparse.Namespace, kind: str, device: str, dtype: torch.d
     else:
         with torch.device(device):
             model = fm.Transformer(margs).eval()
-        what = "fp_compile.models.Transformer (random init, gpt-fast style)"
+        what = "fp_compile.demo.models.Transformer (random init, gpt-fast style)"
 
         def prefill(ids):
             return model.hidden(ids)
@@ -233,7 +233,7 @@ def demo(argv: list[str] | None = None) -> dict:
         progress("timed dense")
         if args.plot:
             from .api import select_blocks
-            from .plotting import plot_selection
+            from .demo.plotting import plot_selection
 
             q, k = capture_sdpa_inputs(prefill, ids)
             sel = select_blocks(q, k, config=config)

@@ -12,7 +12,7 @@ from fp_compile import FlashPrefillConfig, select_blocks
 from fp_compile import accuracy as acc
 from fp_compile.kernels import reference as ref
 from fp_compile.kernels.vertical_slash import add_vertical_slash_compact
-from fp_compile.synthetic import planted_qkv
+from fp_compile.demo.synthetic import planted_qkv
 from tests.helpers import assert_close
 
 

@@ -6,7 +6,7 @@ import torch
 
 import fp_compile
 from fp_compile import FlashPrefillConfig
-from fp_compile.models import ModelArgs, Transformer, generate, plant_attention_structure
+from fp_compile.demo.models import ModelArgs, Transformer, generate, plant_attention_structure
 from tests.helpers import assert_close
 
 TINY = ModelArgs(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -8,7 +8,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fp_compile.kernels import reference as ref
-from fp_compile.synthetic import planted_qkv
+from fp_compile.demo.synthetic import planted_qkv
 from tests.helpers import assert_close
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-10, 1e-10)}
