@@ -57,7 +57,5 @@ def test_demo_hf_model_with_dense_layer():
 
 
 def test_bench_entry_reaches_the_benchmark():
-    if not (ROOT / "benchmarks" / "bench_attention.py").exists():
-        pytest.skip("no benchmark script")
     out = run_cli("bench", "--help")
-    assert "usage" in out.lower()
+    assert "usage: python -m fp_compile bench" in out and "--seq-lens" in out

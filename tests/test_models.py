@@ -47,7 +47,7 @@ def test_decode_without_caches_is_an_error():
 
 
 def _layer_qk(model, ids, layer):
-    from fp_compile.cli import capture_sdpa_inputs
+    from fp_compile.demo.run import capture_sdpa_inputs
 
     return capture_sdpa_inputs(model, ids, index=layer)
 
