@@ -3,7 +3,7 @@
     python benchmarks/bench_accuracy.py --device cuda --out results/     # H200: about 1 minute
     python benchmarks/bench_accuracy.py --device cpu --out /tmp/acc/     # CPU: S 4K-16K, ~2 min
 
-Inputs: fp_compile.synthetic.planted_qkv (sink, local window, salient spans, retrieval, vertical
+Inputs: fp_compile.demo.synthetic.planted_qkv (sink, local window, salient spans, retrieval, vertical
 columns, slash lines), several seeds. For each (S, seed, alpha) the selection is made by the
 plain-torch reference (same selection as the kernels) and compared on ``--rows`` query rows drawn
 from the second half of the prompt: rel L2 error of block-sparse vs dense attention, attention
@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fp_compile import FlashPrefillConfig  # noqa: E402
 from fp_compile import accuracy as acc  # noqa: E402
 from fp_compile.kernels.pattern_search import select_mask_reference  # noqa: E402
-from fp_compile.synthetic import planted_qkv  # noqa: E402
+from fp_compile.demo.synthetic import planted_qkv  # noqa: E402
 
 VARIANTS = {
     "paper": {},

@@ -19,12 +19,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_attention import cuda_time  # noqa: E402
+from fp_compile.demo.bench import cuda_time  # noqa: E402
 from fp_compile import FlashPrefillConfig  # noqa: E402
 from fp_compile.kernels import pattern_search as ps  # noqa: E402
-from fp_compile.synthetic import planted_qkv  # noqa: E402
+from fp_compile.demo.synthetic import planted_qkv  # noqa: E402
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import torch
 
 import fp_compile
 from fp_compile.export import apply_flashprefill
-from fp_compile.models import ModelArgs, Transformer, plant_attention_structure
+from fp_compile.demo.models import ModelArgs, Transformer, plant_attention_structure
 
 
 class Prefill(torch.nn.Module):
@@ -36,7 +36,9 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--alpha", type=float, default=0.0)
+    # The config's default, so the example shows sparse attention; --alpha 0 keeps every
+    # causal block and checks the result against eager.
+    p.add_argument("--alpha", type=float, default=fp_compile.FlashPrefillConfig.alpha)
     p.add_argument("--out", help="package path (default: a temporary file)")
     args = p.parse_args(argv)
 

@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import fp_compile
-from fp_compile.models import ModelArgs, Transformer, generate, plant_attention_structure
+from fp_compile.demo.models import ModelArgs, Transformer, generate, plant_attention_structure
 
 
 def main(argv=None):
@@ -23,7 +23,9 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--alpha", type=float, default=0.0)
+    # The config's default, so the example shows sparse attention; --alpha 0 keeps every
+    # causal block and checks the result against eager.
+    p.add_argument("--alpha", type=float, default=fp_compile.FlashPrefillConfig.alpha)
     args = p.parse_args(argv)
 
     margs = ModelArgs(vocab_size=512, dim=args.hidden, n_layers=args.layers, n_heads=4,

@@ -1,330 +1,215 @@
-"""``python -m fp_compile``: demo, bench, explain.
+"""python -m fp_compile: demo, explain, bench.
 
     python -m fp_compile demo                    # CPU: about a minute on 2 cores
-    python -m fp_compile demo --device cuda      # GPU: 32K-token prefill of a 4-layer 4096-wide model
+    python -m fp_compile demo --device cuda      # GPU: 32K-token prefill, 4 layers, 4096 wide
     python -m fp_compile explain --seq-len 256
-    python -m fp_compile bench -- --out results/
-    python -m fp_compile <command> -v ...        # log the pass's decisions (logger "fp_compile")
+    python -m fp_compile bench --out results/    # GPU; bench --help lists its options
+    python -m fp_compile -v <command> ...        # log the pass's decisions (logger "fp_compile")
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib.util
+import functools
 import logging
-import statistics
+import re
 import sys
-import time
-from pathlib import Path
 
 import torch
 
 from .config import FlashPrefillConfig
-from . import models as fm
+from .demo.run import DEMO_DEFAULTS, DTYPES
 
-# Defaults per device: small enough for a 2-core CPU, big enough on a GPU for real speedups.
-DEMO_DEFAULTS = {
-    "cpu": dict(seq_len=4096, layers=2, hidden=256, heads=4, kv_heads=2, intermediate=512,
-                vocab=512, dtype="float32", reps=2),
-    "cuda": dict(seq_len=32768, layers=4, hidden=4096, heads=32, kv_heads=8, intermediate=11008,
-                 vocab=32000, dtype="bfloat16", reps=5),
-}
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMMANDS = ("demo", "explain", "bench")
 
 
-class Progress:
-    """tqdm when installed, else one printed line per step."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help, and the descriptions' example lines kept as written.
+    Defaults of None (filled in per device later) and of flags (False) say nothing: left out."""
 
-    def __init__(self, total: int, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, desc="demo", unit="step", file=sys.stderr,
-                                bar_format="{desc}: {n}/{total} |{bar:20}| {elapsed} {postfix}")
-            except ImportError:
-                pass
-        self.step = 0
-        self.total = total
-
-    def __call__(self, what: str) -> None:
-        self.step += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(what)
-            self.bar.update(1)
-        elif self.enabled:
-            print(f"[{self.step}/{self.total}] {what}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
 
 
-def flashprefill_compile(fn, config: FlashPrefillConfig, *, dynamic: bool | None = None):
-    """``torch.compile(fn, backend="flashprefill", options=...)`` for ``config``'s non-defaults.
+def _int_at_least(minimum: int):
+    """An argparse type: an int >= ``minimum``; argparse names the option in the error."""
 
-    Uses the backend by name when its entry point is installed, the function otherwise (running
-    from a source tree that was not pip-installed).
-    """
-    from .backend import flashprefill_backend
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
 
-    default = FlashPrefillConfig()
-    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-               if getattr(config, f.name) != getattr(default, f.name)}
+    return parse
+
+
+def _config(parser: argparse.ArgumentParser, options: dict[str, str],
+            **fields) -> FlashPrefillConfig:
+    """FlashPrefillConfig(**fields), its ValueError (which names the field) turned into a usage
+    error naming the command-line option the field came from (``options``: field -> option)."""
     try:
-        from torch._dynamo.backends.registry import lookup_backend
-
-        lookup_backend("flashprefill")
-        backend = "flashprefill"
-    except Exception:
-        backend = flashprefill_backend
-    return torch.compile(fn, backend=backend, options=options or None, dynamic=dynamic)
-
-
-def build_model(args: argparse.Namespace, kind: str, device: str, dtype: torch.dtype, plant: bool):
-    """(model, prefill function returning final hidden states (B, S, dim), description)."""
-    margs = fm.ModelArgs(vocab_size=args.vocab, dim=args.hidden, n_layers=args.layers,
-                         n_heads=args.heads, n_kv_heads=args.kv_heads,
-                         intermediate_size=args.intermediate, max_seq_len=args.seq_len)
-    if kind == "auto":
-        kind = "hf" if importlib.util.find_spec("transformers") else "builtin"
-    torch.manual_seed(args.seed)
-    if kind == "hf":
-        with torch.device(device):  # initialise in place: a GPU-sized model inits slowly on CPU
-            model = fm.build_hf_llama(margs, "llama")
-        body = model.model
-        what = "Hugging Face LlamaForCausalLM (random init, attn_implementation='sdpa')"
-
-        def prefill(ids):
-            return body(input_ids=ids).last_hidden_state
-    else:
-        with torch.device(device):
-            model = fm.Transformer(margs).eval()
-        what = "fp_compile.models.Transformer (random init, gpt-fast style)"
-
-        def prefill(ids):
-            return model.hidden(ids)
-    if plant:  # in fp32, before the cast
-        fm.plant_attention_structure(model, seed=args.seed)
-        what += " + planted attention structure (sink, RoPE locality)"
-    model.to(dtype=dtype).eval()
-    return model, prefill, what
+        return FlashPrefillConfig(**fields)
+    except ValueError as e:
+        match = re.match(r"FlashPrefillConfig\.(\w+)\s*", str(e))
+        if match is None:
+            parser.error(str(e))
+        field = match.group(1)
+        option = options.get(field, "--" + field.replace("_", "-"))
+        parser.error(f"{option}: {str(e)[match.end():]}")
 
 
-def capture_sdpa_inputs(fn, *inputs, index: int = 0):
-    """q, k of the ``index``-th SDPA call ``fn(*inputs)`` makes, stopping the run right there."""
-
-    class _Stop(Exception):
-        pass
-
-    captured = {}
-
-    class Mode(torch.overrides.TorchFunctionMode):
-        calls = 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is torch.nn.functional.scaled_dot_product_attention:
-                if Mode.calls == index:
-                    captured["q"], captured["k"] = args[0].detach(), args[1].detach()
-                    raise _Stop
-                Mode.calls += 1
-            return func(*args, **kwargs)
-
-    try:
-        with Mode():
-            fn(*inputs)
-    except _Stop:
-        pass
-    if not captured:
-        raise RuntimeError(f"the model made fewer than {index + 1} SDPA calls")
-    return captured["q"], captured["k"]
+def _add_verbose(parser: argparse.ArgumentParser, default) -> None:
+    # On the main parser and on each command's, so that -v works before or after the command;
+    # the commands' default is SUPPRESS so that they do not overwrite a -v given before them.
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="log the pass's and the op's decisions (logger 'fp_compile')")
 
 
-def _timed(fn, ids, reps: int, device: str) -> tuple[float, float]:
-    """Median and spread ((max - min) / 2) in ms of ``reps`` runs (after the caller's warm-up)."""
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn(ids)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), (max(times) - min(times)) / 2
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", formatter_class=_HelpFormatter,
+                       help="compile a random-init model with the backend, compare with dense",
+                       description="Compile a random-init Llama-style model with the "
+                                   "flashprefill backend and compare one long prefill with the "
+                                   "same model compiled densely. Model sizes left out take the "
+                                   "device's defaults (fp_compile.demo.run.DEMO_DEFAULTS).")
+    _add_verbose(p, argparse.SUPPRESS)
 
+    def size(what: str, key: str) -> str:
+        # The default depends on --device, so ArgumentDefaultsHelpFormatter cannot show it.
+        per_device = ", ".join(f"{d[key]} on {device}" for device, d in DEMO_DEFAULTS.items())
+        return f"{what} (default: {per_device})"
 
-def demo(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m fp_compile demo",
-                                description="Compile a random-init Llama-style model with the "
-                                            "flashprefill backend and compare one long prefill "
-                                            "with the same model compiled densely.")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--layers", type=int)
-    p.add_argument("--hidden", type=int)
-    p.add_argument("--heads", type=int)
-    p.add_argument("--kv-heads", type=int)
-    p.add_argument("--intermediate", type=int)
-    p.add_argument("--vocab", type=int)
-    p.add_argument("--dtype", choices=sorted(_DTYPES))
-    p.add_argument("--reps", type=int, help="timed runs per model")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run")
+    p.add_argument("--seq-len", type=_int_at_least(2), help=size("prompt tokens", "seq_len"))
+    p.add_argument("--layers", type=_int_at_least(1), help=size("decoder layers", "layers"))
+    p.add_argument("--hidden", type=_int_at_least(1), help=size("model width", "hidden"))
+    p.add_argument("--heads", type=_int_at_least(1), help=size("query heads", "heads"))
+    p.add_argument("--kv-heads", type=_int_at_least(1), help=size("key/value heads", "kv_heads"))
+    p.add_argument("--intermediate", type=_int_at_least(1),
+                   help=size("MLP width", "intermediate"))
+    p.add_argument("--vocab", type=_int_at_least(2), help=size("vocabulary size", "vocab"))
+    p.add_argument("--dtype", choices=sorted(DTYPES), help=size("model dtype", "dtype"))
+    p.add_argument("--reps", type=_int_at_least(1), help=size("timed runs per model", "reps"))
     p.add_argument("--model", choices=["auto", "hf", "builtin"], default="auto",
                    help="auto: Hugging Face Llama when transformers is installed")
-    p.add_argument("--alpha", type=float, default=FlashPrefillConfig.alpha)
-    p.add_argument("--block-size", type=int, default=FlashPrefillConfig.block_size)
-    p.add_argument("--dense-layers", type=int, nargs="*", default=[])
+    p.add_argument("--alpha", type=float, default=FlashPrefillConfig.alpha,
+                   help="keep a key block when its score is >= alpha x the row's best")
+    p.add_argument("--block-size", type=int, default=FlashPrefillConfig.block_size,
+                   help="tokens per block (a power of two)")
+    p.add_argument("--dense-layers", type=int, nargs="*", default=[],
+                   help="SDPA-call indices that stay dense")
     p.add_argument("--dense", choices=["inductor", "eager"], default="inductor",
                    help="the baseline: the same model compiled by default Inductor, or eager")
     p.add_argument("--no-plant", action="store_true",
                    help="keep plain random weights (near-uniform attention: nothing to skip)")
     p.add_argument("--plot", help="write a PNG of layer 0 / head 0's kept blocks here")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0, help="weights and prompt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(run=functools.partial(_demo, p))
+
+
+def _demo(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for key, value in DEMO_DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    # The model's own checks, as usage errors naming the options instead of a traceback.
+    if args.heads % args.kv_heads:
+        p.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    if args.hidden % args.heads or (args.hidden // args.heads) % 2:
+        p.error(f"--hidden ({args.hidden}) / --heads ({args.heads}) must be an even integer "
+                "(the head dimension, split in halves by the rotary embedding)")
+    config = _config(p, {"min_seq_len": "--seq-len"}, alpha=args.alpha,
+                     block_size=args.block_size, dense_layers=tuple(args.dense_layers),
+                     min_seq_len=min(FlashPrefillConfig.min_seq_len, args.seq_len))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is available")
-    dtype = _DTYPES[args.dtype]
-    config = FlashPrefillConfig(alpha=args.alpha, block_size=args.block_size,
-                                min_seq_len=min(FlashPrefillConfig.min_seq_len, args.seq_len),
-                                dense_layers=tuple(args.dense_layers))
-    from .explain import explain
-    from .stats import reset_stats, stats
+    from .demo.run import run_demo
 
-    steps = 6 + bool(args.plot)
-    progress = Progress(steps, enabled=not args.no_progress)
-    model, prefill, what = build_model(args, args.model, args.device, dtype, not args.no_plant)
-    progress("model built")
-    gen = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(1, args.vocab, (1, args.seq_len), generator=gen)
-    ids[:, 0] = 0  # the sink token (a BOS)
-    ids = ids.to(args.device)
-    print(f"model: {what}")
-    print(f"  {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} kv "
-          f"heads, {args.dtype}, device {args.device}; prompt {args.seq_len} tokens")
-    print(f"config: alpha={config.alpha} block_size={config.block_size} "
-          f"min_seq_len={config.min_seq_len} dense_layers={config.dense_layers}")
-
-    out: dict = {}
-    with torch.no_grad():
-        reset_stats()
-        report = explain(prefill, ids, config=config.replace(collect_stats=True))
-        progress("explained (one eager run of the rewritten graph)")
-        table = stats()
-        torch._dynamo.reset()
-
-        fast = flashprefill_compile(prefill, config)
-        y_fast = fast(ids)  # compile + warm-up
-        progress("compiled with backend='flashprefill'")
-        t_fast = _timed(fast, ids, args.reps, args.device)
-        progress("timed flashprefill")
-
-        dense = torch.compile(prefill) if args.dense == "inductor" else prefill
-        y_dense = dense(ids)
-        progress(f"{'compiled with default Inductor' if args.dense == 'inductor' else 'eager'}")
-        t_dense = _timed(dense, ids, args.reps, args.device)
-        progress("timed dense")
-        if args.plot:
-            from .api import select_blocks
-            from .plotting import plot_selection
-
-            q, k = capture_sdpa_inputs(prefill, ids)
-            sel = select_blocks(q, k, config=config)
-            plot_selection(sel, 0, 0, args.plot, title=f"layer 0, head 0: S={args.seq_len}, "
-                           f"alpha={config.alpha}, density {sel.density:.3f}")
-            progress(f"wrote {args.plot}")
-    progress.close()
-
-    yf, yd = y_fast.float(), y_dense.float()
-    rel = ((yf - yd).norm() / yd.norm()).item()
-    cos = torch.nn.functional.cosine_similarity(yf.flatten(1), yd.flatten(1)).mean().item()
-    print()
-    print(f"rewritten: {len(report.rewritten)} SDPA call(s); left dense: {len(report.skipped)}")
-    for entry in report.skipped:
-        print(f"  dense: {entry}")
-    print()
-    print("density per layer (kept causal blocks / all causal blocks, mean over heads):")
-    for layer, d in table.by_layer().items():
-        heads = next(r.head_density for r in table.rows if r.layer == layer)
-        print(f"  layer {layer}: {d:.3f}   heads: " + " ".join(f"{h:.2f}" for h in heads))
-    if not len(table):
-        print("  (no sparse layer ran)")
-    print()
-    print(f"error vs dense: relative L2 of final hidden states {rel:.4f} (cosine {cos:.5f})")
-    speedup = t_dense[0] / t_fast[0]
-    print(f"prefill time: flashprefill {t_fast[0]:.1f} ms (+-{t_fast[1]:.1f}), "
-          f"dense {args.dense} {t_dense[0]:.1f} ms (+-{t_dense[1]:.1f}): "
-          f"{speedup:.2f}x, median of {args.reps}")
-    if args.device == "cpu":
-        print("(on CPU the op runs the plain-torch reference, not the Triton kernels: the speedup "
-              "is measured on a GPU with --device cuda)")
-    out.update(rewritten=len(report.rewritten), skipped=len(report.skipped),
-               density=table.by_layer(), rel_err=rel, cos=cos, ms_flashprefill=t_fast[0],
-               ms_dense=t_dense[0], speedup=speedup)
-    return out
+    run_demo(args, config)
 
 
-def explain_cmd(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m fp_compile explain",
-                                description="Print which SDPA calls of the built-in model the "
-                                            "flashprefill pass rewrites, and why not the others.")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--layers", type=int, default=2)
+def _add_explain(sub) -> None:
+    p = sub.add_parser("explain", formatter_class=_HelpFormatter,
+                       help="which SDPA calls of a tiny model the pass rewrites, and why not",
+                       description="Print which SDPA calls of the built-in model the "
+                                   "flashprefill pass rewrites, and why not the others.")
+    _add_verbose(p, argparse.SUPPRESS)
+    # One token is a decode step, which the built-in model runs only against a KV cache.
+    p.add_argument("--seq-len", type=_int_at_least(2), default=256, help="prompt tokens")
+    p.add_argument("--layers", type=_int_at_least(1), default=2, help="decoder layers")
     p.add_argument("--decode", action="store_true",
                    help="explain a one-token decode step against a KV cache instead")
-    p.add_argument("--alpha", type=float, default=FlashPrefillConfig.alpha)
-    p.add_argument("--dense-layers", type=int, nargs="*", default=[])
-    args = p.parse_args(argv)
-    from .explain import explain
+    p.add_argument("--alpha", type=float, default=FlashPrefillConfig.alpha,
+                   help="keep a key block when its score is >= alpha x the row's best")
+    p.add_argument("--dense-layers", type=int, nargs="*", default=[],
+                   help="SDPA-call indices that stay dense")
+    p.set_defaults(run=functools.partial(_explain, p))
 
-    margs = fm.ModelArgs(vocab_size=256, dim=64, n_layers=args.layers, n_heads=4, n_kv_heads=2,
-                         intermediate_size=128, max_seq_len=args.seq_len + 1)
-    torch.manual_seed(0)
-    model = fm.Transformer(margs).eval()
-    ids = torch.randint(0, margs.vocab_size, (1, args.seq_len))
-    config = FlashPrefillConfig(alpha=args.alpha, block_size=16, min_seq_len=0,
-                                dense_layers=tuple(args.dense_layers))
-    with torch.no_grad():
-        if args.decode:
-            model.setup_caches(1, args.seq_len + 1)
-            model(ids)
-            report = explain(model, ids[:, :1], torch.tensor([args.seq_len]), config=config)
-        else:
-            report = explain(model, ids, config=config)
+
+def _explain(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    config = _config(p, {}, alpha=args.alpha, block_size=16, min_seq_len=0,
+                     dense_layers=tuple(args.dense_layers))
+    from .demo.run import explain_builtin
+
+    report = explain_builtin(args.seq_len, args.layers, args.decode, config)
     print(report)
     print(f"\nrewritten {len(report.rewritten)}, left dense {len(report.skipped)}")
 
 
-def bench(argv: list[str] | None = None) -> None:
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_attention.py"
-    if not path.exists():
-        sys.exit(f"fp_compile bench: {path} not found (the benchmark ships with the source tree, "
-                 "not the installed package; run from a clone)")
-    spec = importlib.util.spec_from_file_location("fp_compile_bench_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(argv)
+def _add_bench(sub) -> None:
+    # Listed for the help only: main() hands everything after "bench" to the benchmark's own
+    # parser, which owns its options (bench --help lists them).
+    p = sub.add_parser("bench", add_help=False,
+                       help="the kernel benchmark (GPU); its options: bench --help")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+
+
+def _bench(argv: list[str]) -> None:
+    from .demo.bench import main as bench_main
+
+    bench_main(argv, prog="python -m fp_compile bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fp_compile", description=__doc__,
+                                     formatter_class=_HelpFormatter)
+    _add_verbose(parser, False)
+    sub = parser.add_subparsers(title="commands", dest="command", metavar="command")
+    _add_demo(sub)
+    _add_explain(sub)
+    _add_bench(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": demo, "bench": bench, "explain": explain_cmd}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print(__doc__.strip())
-        print(f"\ncommands: {', '.join(commands)}; `python -m fp_compile <command> --help` for options")
-        sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
-    command, rest = argv[0], argv[1:]
-    if rest[:1] == ["-v"]:  # decisions of the pass and the op, from the "fp_compile" logger
+    parser = build_parser()
+    # The main parser's options are flags only, so the first word that is not one is the command.
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if at is None:
+        if not argv or any(a in ("-h", "--help") for a in argv):
+            parser.print_help()
+            parser.exit(0)
+        parser.error(f"no command given (choose from {', '.join(COMMANDS)})")
+    if argv[at] not in COMMANDS:
+        parser.error(f"unknown command {argv[at]!r} (choose from {', '.join(COMMANDS)})")
+    if argv[at] == "bench":
+        args = parser.parse_args(argv[:at + 1])
+        rest = argv[at + 1:]
+        if rest[:1] in (["-v"], ["--verbose"]):
+            args.verbose, rest = True, rest[1:]
+        if rest[:1] == ["--"]:
+            rest = rest[1:]
+        run = functools.partial(_bench, rest)
+    else:
+        args = parser.parse_args(argv)
+        run = functools.partial(args.run, args)
+    if args.verbose:
         logging.basicConfig(format="%(name)s %(levelname)s: %(message)s")
         logging.getLogger("fp_compile").setLevel(logging.DEBUG)
-        rest = rest[1:]
-    if rest[:1] == ["--"]:
-        rest = rest[1:]
-    commands[command](rest)
+    run()

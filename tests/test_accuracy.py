@@ -16,7 +16,7 @@ from fp_compile.kernels.pattern_search import select_mask_reference
 from fp_compile.kernels.vertical_slash import (add_vertical_slash, add_vertical_slash_compact,
                                               vertical_slash_flags_reference,
                                               vertical_slash_scores_reference)
-from fp_compile.synthetic import planted_qkv
+from fp_compile.demo.synthetic import planted_qkv
 from tests.helpers import assert_close, flash_prefill_reference
 
 

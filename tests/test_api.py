@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import fp_compile
 from fp_compile import FlashPrefillConfig, flash_prefill, select_blocks
 from fp_compile.ops import op_config_args
-from fp_compile.synthetic import planted_qkv
+from fp_compile.demo.synthetic import planted_qkv
 from tests.helpers import assert_close
 
 SPARSE = FlashPrefillConfig(block_size=16, min_seq_len=0, kernel="reference")

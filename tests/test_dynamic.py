@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import fp_compile
 from fp_compile import FlashPrefillConfig
-from fp_compile.models import ModelArgs, Transformer, plant_attention_structure
+from fp_compile.demo.models import ModelArgs, Transformer, plant_attention_structure
 from tests.helpers import assert_close
 
 

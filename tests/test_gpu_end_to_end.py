@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fp_compile import FlashPrefillConfig, flash_prefill
 from fp_compile.backend import make_backend
-from fp_compile.synthetic import planted_qkv
+from fp_compile.demo.synthetic import planted_qkv
 from tests.helpers import gpu, poison_next_cuda_alloc
 
 

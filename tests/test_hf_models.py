@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 import fp_compile  # noqa: E402
 from fp_compile import FlashPrefillConfig  # noqa: E402
 from fp_compile.backend import last_report  # noqa: E402
-from fp_compile.models import ModelArgs, build_hf_llama  # noqa: E402
+from fp_compile.demo.models import ModelArgs, build_hf_llama  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
 TINY = ModelArgs(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,

@@ -6,7 +6,7 @@ import torch
 
 import fp_compile
 from fp_compile import FlashPrefillConfig
-from fp_compile.models import ModelArgs, Transformer, generate, plant_attention_structure
+from fp_compile.demo.models import ModelArgs, Transformer, generate, plant_attention_structure
 from tests.helpers import assert_close
 
 TINY = ModelArgs(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -47,7 +47,7 @@ def test_decode_without_caches_is_an_error():
 
 
 def _layer_qk(model, ids, layer):
-    from fp_compile.cli import capture_sdpa_inputs
+    from fp_compile.demo.run import capture_sdpa_inputs
 
     return capture_sdpa_inputs(model, ids, index=layer)
 

@@ -9,7 +9,7 @@ import torch
 import fp_compile
 from fp_compile import FlashPrefillConfig, select_blocks
 from fp_compile.ops import op_config_args
-from fp_compile.synthetic import planted_qkv
+from fp_compile.demo.synthetic import planted_qkv
 
 
 @pytest.fixture(autouse=True)

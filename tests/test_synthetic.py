@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fp_compile.kernels.pattern_search import select_mask_reference
-from fp_compile.synthetic import planted_qkv, planted_qkv_with_info
+from fp_compile.demo.synthetic import planted_qkv, planted_qkv_with_info
 
 
 @pytest.mark.parametrize("B,H,Hkv,S,D", [(1, 4, 2, 100, 32), (2, 8, 8, 257, 64), (1, 3, 1, 1, 16)])

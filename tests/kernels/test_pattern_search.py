@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from fp_compile.kernels import utils as ku
 from fp_compile.kernels.block_means import block_means, key_block_means
 from fp_compile.kernels.pattern_search import pattern_search, pattern_search_reference
-from fp_compile.synthetic import planted_qkv
+from fp_compile.demo.synthetic import planted_qkv
 from tests.helpers import DEVICE, assert_close, gpu
 
 

@@ -11,7 +11,7 @@ from fp_compile.kernels import utils as ku
 from fp_compile.kernels.block_means import key_block_means
 from fp_compile.kernels.block_sparse_attention import block_sparse_attention_reference
 from fp_compile.kernels.pattern_search import block_scores_reference, select_mask_reference
-from fp_compile.synthetic import planted_qkv
+from fp_compile.demo.synthetic import planted_qkv
 from tests.helpers import assert_close, flash_prefill_reference
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float64: (1e-10, 1e-10)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .api import BlockSelection
+from ..api import BlockSelection
 
 
 def _pyplot():
@@ -12,7 +12,7 @@ def _pyplot():
         import matplotlib
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "fp_compile.plotting needs matplotlib; install it with "
+            "fp_compile.demo.plotting needs matplotlib; install it with "
             "`pip install 'fp-compile[plot]'` (or `pip install matplotlib`)") from e
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt

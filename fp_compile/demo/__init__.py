@@ -1,0 +1,8 @@
+"""Demo, test and benchmark scaffolding: not the op library.
+
+Random-init models (``models``), inputs with planted attention structure (``synthetic``), block
+mask pictures (``plotting``), the ``python -m fp_compile demo`` run (``run``) and the kernel
+benchmark (``bench``). They exist to show and measure the op; the library (``fp_compile`` outside
+this package) never imports them, so none of their optional dependencies (transformers,
+matplotlib, tqdm) is needed to use the op, the pass or the backend.
+"""
