@@ -6,7 +6,7 @@ from .api import BlockSelection, flash_prefill, select_blocks
 from .accuracy import calibrate
 from .explain import explain
 from .stats import reset_stats, stats
-from .passes.sdpa_rewrite import RewriteReport, rewrite_sdpa
+from .passes import RewriteReport, rewrite_sdpa
 from .export import apply_flashprefill
 from .backend import make_backend
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from .config import FlashPrefillConfig
-from .passes.sdpa_rewrite import RewriteReport, rewrite_sdpa
+from .passes import RewriteReport, rewrite_sdpa
 
 _last_report: Optional[RewriteReport] = None
 

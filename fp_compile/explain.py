@@ -14,7 +14,7 @@ log = logging.getLogger("fp_compile")
 
 def _merge(reports: list):
     """One report for every graph dynamo captured (graph breaks give several)."""
-    from .passes.sdpa_rewrite import RewriteReport
+    from .passes.report import RewriteReport
 
     if len(reports) == 1:
         return reports[0]

@@ -16,7 +16,8 @@ import fp_compile
 from fp_compile import FlashPrefillConfig, RewriteReport, rewrite_sdpa
 from fp_compile.ops import OP_CONFIG_FIELDS
 from fp_compile.passes import sdpa_rewrite
-from fp_compile.passes.sdpa_rewrite import normalize_sdpa_args, sdpa_skip_reason
+from fp_compile.passes.eligibility import sdpa_skip_reason
+from fp_compile.passes.fx_utils import is_sdpa_node, normalize_sdpa_args
 from tests.helpers import assert_close
 
 # alpha 0 keeps every causal block: the op equals dense attention up to rounding
@@ -44,7 +45,7 @@ def op_nodes(gm):
 
 
 def sdpa_nodes(gm):
-    return [n for n in gm.graph.nodes if sdpa_rewrite._is_sdpa_node(n)]
+    return [n for n in gm.graph.nodes if is_sdpa_node(n)]
 
 
 def qkv(B=1, H=4, Hkv=2, S=70, D=16, seed=0):
