@@ -2,13 +2,13 @@
 
 Works on dynamo graphs (torch IR, before AOT autograd), where an SDPA call is one
 ``call_function`` node with the arguments as the user wrote them and fake tensors in
-``meta["example_value"]`` (``meta["val"]`` in export graphs). Every SDPA node is numbered by its
-order in the graph (the "layer"); each one is either rewritten or left dense with a reason, both
-recorded in the returned ``RewriteReport`` and counted in
-``torch._dynamo.utils.counters["flashprefill"]``.
+``meta["example_value"]`` (``meta["val"]`` in export graphs). Every SDPA node gets a layer number
+(``layers.layer_numbers``: the model's layer index where the module stack tells it, else the
+order in the graph); each one is either rewritten or left dense with a reason, both recorded in
+the returned ``RewriteReport`` and counted in ``torch._dynamo.utils.counters["flashprefill"]``.
 
 The pieces: ``eligibility`` (which calls the op can take), ``gqa_fold`` (k/v head repeats folded
-into GQA), ``causal_mask`` (an ``attn_mask`` proven to be the causal mask).
+into GQA), ``causal_mask`` (an ``attn_mask`` proven to be the causal mask), ``layers``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from ..config import FlashPrefillConfig
 from ..ops import op_config_args
 from .causal_mask import causal_mask_reason, mask_chain
 from .eligibility import sdpa_skip_reason
-from .fx_utils import (known_eq, meta_value, meta_values, normalize_sdpa_args, plain_shape,
-                       sdpa_nodes)
+from .fx_utils import known_eq, meta_value, meta_values, normalize_sdpa_args, plain_shape
 from .gqa_fold import unrepeated
+from .layers import layer_numbers
 from .report import Rewritten, RewriteReport, Skipped
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def rewrite_sdpa(gm: torch.fx.GraphModule,
     report = RewriteReport()
     graph = gm.graph
     mask_reasons: dict = {}
-    for layer, node in enumerate(sdpa_nodes(graph)):
+    for node, layer in layer_numbers(graph).items():
         name = node.name
         try:
             decision = _plan(node, layer, config, mask_reasons)
