@@ -5,7 +5,8 @@ Works on dynamo graphs (torch IR, before AOT autograd), where an SDPA call is on
 ``meta["example_value"]`` (``meta["val"]`` in export graphs). Every SDPA node gets a layer number
 (``layers.layer_numbers``: the model's layer index where the module stack tells it, else the
 order in the graph); each one is either rewritten or left dense with a reason, both recorded in
-the returned ``RewriteReport`` and counted in ``torch._dynamo.utils.counters["flashprefill"]``.
+the returned ``RewriteReport``, counted in ``torch._dynamo.utils.counters["flashprefill"]`` and
+logged on the ``fp_compile`` logger (each graph's summary at INFO, each skip at DEBUG).
 
 The pieces: ``eligibility`` (which calls the op can take), ``gqa_fold`` (k/v head repeats folded
 into GQA), ``causal_mask`` (an ``attn_mask`` proven to be the causal mask), ``layers``.
@@ -13,6 +14,7 @@ into GQA), ``causal_mask`` (an ``attn_mask`` proven to be the causal mask), ``la
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -28,6 +30,9 @@ from .fx_utils import known_eq, meta_value, meta_values, normalize_sdpa_args, pl
 from .gqa_fold import unrepeated
 from .layers import layer_numbers
 from .report import Rewritten, RewriteReport, Skipped
+
+# The README's promise: decisions are logged under "fp_compile" (INFO per graph, DEBUG per skip).
+log = logging.getLogger("fp_compile")
 
 @dataclass(frozen=True)
 class Skip:
@@ -167,4 +172,7 @@ def rewrite_sdpa(gm: torch.fx.GraphModule,
         gm.recompile()
     counters["flashprefill"]["sdpa_rewritten"] += len(report.rewritten)
     counters["flashprefill"]["sdpa_skipped"] += len(report.skipped)
+    for s in report.skipped:
+        log.debug("flashprefill: layer %d, node %s left dense: %s", s.layer, s.node, s.reason)
+    log.info("%s", report.summary())
     return report

@@ -5,6 +5,7 @@ forward, then checks the report (what was rewritten, why the rest was not), the 
 graph contents and the numbers against eager.
 """
 
+import logging
 import warnings
 
 import pytest
@@ -208,3 +209,17 @@ def test_graph_without_sdpa_is_untouched():
     assert counters["flashprefill"]["sdpa_rewritten"] == 0
 
 
+
+
+def test_decisions_are_logged_on_the_fp_compile_logger(caplog):
+    q, k, v = qkv()
+    backend, _ = capture()
+    with caplog.at_level(logging.DEBUG, logger="fp_compile"):
+        torch.compile(mixed, backend=backend, fullgraph=True)(q, k, v)
+    ours = [r for r in caplog.records if r.name == "fp_compile"]
+    info = [r.getMessage() for r in ours if r.levelno == logging.INFO]
+    debug = [r.getMessage() for r in ours if r.levelno == logging.DEBUG]
+    assert info == ["flashprefill: 2 SDPA call(s) rewritten, 4 left dense"], info
+    assert len(debug) == 4, debug
+    assert "layer 1" in debug[0] and "decode (q_len 1)" in debug[0], debug
+    assert "layer 4" in debug[3] and "S_q != S_kv (20 vs 70" in debug[3], debug
