@@ -4,7 +4,10 @@ they equal the causal mask at every length the graph can run at."""
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
+from fp_compile.passes.causal_mask import is_causal_mask
 from fp_compile.passes.fx_utils import normalize_sdpa_args
 from tests.helpers import assert_close
 from tests.passes.graphs import EXACT, capture, op_nodes, qkv, reasons, sdpa_nodes
@@ -157,3 +160,92 @@ def test_causal_attn_mask_shared_with_a_dense_layer_is_kept():
     (node,) = sdpa_nodes(gm)
     assert normalize_sdpa_args(node)["attn_mask"] is not None
     assert_close(got, two_layers(q, k, v), 1e-5, 1e-5)
+
+
+# ------------------------------------------------------------------ properties (hypothesis)
+
+def band_mask(how, S, offset, window, device=None):
+    """Keys j with j <= i + offset and (window None or j > i - window), built from S only, as
+    ``how`` says: the causal mask exactly when offset == 0 and the window covers the prompt."""
+    if how == "tril":
+        keep = torch.ones(S, S, dtype=torch.bool, device=device).tril(offset)
+        if window is not None:
+            keep = keep & ~torch.ones(S, S, dtype=torch.bool, device=device).tril(-window)
+        return keep
+    i = torch.arange(S, device=device)
+    keep = i[None, :] <= i[:, None] + offset
+    if window is not None:
+        keep = keep & (i[None, :] > i[:, None] - window)
+    if how == "arange":
+        return keep
+    if how == "additive -inf":
+        return torch.zeros(S, S, device=device).masked_fill(~keep, float("-inf"))
+    assert how == "additive min"
+    return torch.full((S, S), torch.finfo(torch.float32).min, device=device).masked_fill(keep, 0.0)
+
+
+MASK_HOWS = ["tril", "arange", "additive -inf", "additive min"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(how=st.sampled_from(MASK_HOWS), S=st.integers(1, 50), offset=st.integers(-3, 3),
+       window=st.none() | st.integers(1, 60))
+def test_is_causal_mask_accepts_exactly_the_causal_mask(how, S, offset, window):
+    m = band_mask(how, S, offset, window)
+    i = torch.arange(S)
+    causal = i[None, :] <= i[:, None]
+    keep = m if m.dtype == torch.bool else m == 0
+    assert is_causal_mask(m, S) == bool(torch.equal(keep, causal))
+
+
+class BandAttention(torch.nn.Module):
+    """SDPA under a ``band_mask``; offset and window are module attributes, which dynamo bakes
+    into the graph as constants (a closure int becomes a graph input under dynamic=True)."""
+
+    def __init__(self, how, offset, window):
+        super().__init__()
+        self.how, self.offset, self.window = how, offset, window
+
+    def forward(self, q, k, v):
+        mask = band_mask(self.how, q.shape[2], self.offset, self.window, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+@settings(max_examples=10, deadline=None)
+@given(how=st.sampled_from(MASK_HOWS), S=st.integers(2, 40),
+       offset=st.sampled_from([0, 0, -1, 1, 2]), window=st.none() | st.integers(1, 48), dynamic=st.booleans())
+@example(how="arange", S=40, offset=0, window=64, dynamic=True)   # causal at S=40, not at 65
+@example(how="tril", S=9, offset=0, window=8, dynamic=False)      # one key short of causal
+def test_prover_folds_exactly_the_masks_equal_to_causal(how, S, offset, window, dynamic):
+    """A mask traced from sizes is folded iff it equals the causal mask at every length the
+    graph can run at: the traced length for a static graph, every length for a dynamic one."""
+    attn = BandAttention(how, offset, window)
+    torch._dynamo.reset()       # hypothesis runs many examples in one test call
+    q, k, v = qkv(S=S)
+    backend, seen = capture()
+    got = torch.compile(attn, backend=backend, dynamic=dynamic, fullgraph=True)(q, k, v)
+    (_, report), = seen
+    causal = offset == 0 and (window is None or (not dynamic and window >= S))
+    if causal:
+        assert len(report.rewritten) == 1 and not report.skipped, report
+        assert report.rewritten[0].folded == "causal attn_mask"
+    else:
+        assert not report.rewritten and reasons(report) == {0: "attn_mask not causal"}, report
+    assert_close(got, attn(q, k, v), 1e-5, 1e-5)
+
+
+def test_offset_that_is_a_graph_input_is_not_trusted():
+    """Under dynamic=True dynamo lifts a closure int to a SymInt input: the graph then serves
+    every offset, so a mask causal only at offset 0 must stay dense."""
+    offset = 0
+
+    def attn(q, k, v):
+        mask = band_mask("tril", q.shape[2], offset, None, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    backend, seen = capture()
+    q, k, v = qkv(S=20)
+    got = torch.compile(attn, backend=backend, dynamic=True, fullgraph=True)(q, k, v)
+    (_, report), = seen
+    assert reasons(report) == {0: "attn_mask not causal"}, report
+    assert_close(got, attn(q, k, v), 1e-5, 1e-5)
