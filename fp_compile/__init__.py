@@ -6,7 +6,8 @@ from .api import BlockSelection, flash_prefill, select_blocks
 from .accuracy import calibrate
 from .explain import explain
 from .stats import reset_stats, stats
-from .passes.sdpa_rewrite import RewriteReport, rewrite_sdpa
+from .passes.report import RewriteReport
+from .passes.sdpa_rewrite import rewrite_sdpa
 from .export import apply_flashprefill
 from .backend import make_backend
 

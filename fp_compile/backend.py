@@ -30,7 +30,8 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from .config import FlashPrefillConfig
-from .passes.sdpa_rewrite import RewriteReport, rewrite_sdpa
+from .passes.report import RewriteReport
+from .passes.sdpa_rewrite import rewrite_sdpa
 
 
 # Reports of every graph compiled by fp_compile's backends, oldest first.

@@ -37,7 +37,7 @@ def explain(model: Any, *example_inputs: Any, config: FlashPrefillConfig | None 
     if not reports:
         raise RuntimeError("explain: dynamo captured no graph from the model (is it already "
                            "compiled, or does it run under torch.compiler.disable?)")
-    from .passes.sdpa_rewrite import RewriteReport
+    from .passes.report import RewriteReport
 
     report = reports[0] if len(reports) == 1 else RewriteReport.merge(reports)
     log.info("flashprefill explain: %d SDPA call(s) rewritten, %d left dense, in %d graph(s)",

@@ -17,8 +17,10 @@ import torch.fx.traceback as fx_traceback
 
 from .config import FlashPrefillConfig
 from .ops import op_config_args
-from .passes.sdpa_rewrite import (RewriteReport, Rewritten, Skipped, _is_sdpa_node,
-                                  plain_shape, sdpa_skip_reason)
+from .passes.eligibility import sdpa_skip_reason
+from .passes.fx_utils import plain_shape
+from .passes.layers import layer_numbers
+from .passes.report import RewriteReport, Rewritten, Skipped
 
 _last_report: Optional[RewriteReport] = None
 
@@ -34,15 +36,12 @@ def _replayed_node_name() -> Optional[str]:
     return sources[0].name if sources else None
 
 
-def _sdpa_node_names(ep: torch.export.ExportedProgram) -> list[str]:
-    return [n.name for n in ep.graph.nodes if _is_sdpa_node(n)]
-
-
 def apply_flashprefill(ep: torch.export.ExportedProgram,
                        config: FlashPrefillConfig | None = None) -> torch.export.ExportedProgram:
     """A new ExportedProgram with ``ep``'s eligible SDPA calls as ``fp_compile.flash_prefill``.
 
-    Layers are numbered by the order of SDPA calls in ``ep``'s graph, as in the FX pass. The
+    Layers are numbered as in the FX pass (``layer_numbers``: the model's layer index from the
+    module stack, else the order of SDPA calls in ``ep``'s graph). The
     RewriteReport is attached as ``result.flashprefill_report`` (and kept for ``last_report()``);
     the counters ``torch._dynamo.utils.counters["flashprefill"]`` are bumped as by the pass.
     Export graphs are inference graphs, so tensors that require grad do not stop the rewrite.
@@ -51,7 +50,7 @@ def apply_flashprefill(ep: torch.export.ExportedProgram,
     from torch._dynamo.utils import counters
 
     config = config or FlashPrefillConfig()
-    layers = {name: layer for layer, name in enumerate(_sdpa_node_names(ep))}
+    layers = {node.name: layer for node, layer in layer_numbers(ep.graph).items()}
     decisions: dict[int, tuple] = {}       # layer -> (reason or None, q shape, kv shape, name)
 
     def flash_prefill_or_not(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,

@@ -60,7 +60,7 @@ def flash_prefill_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @flash_prefill_eager.register_fake
 def _(q, k, v, *args, **kwargs):
     # The eager checks, so a bad call under torch.compile fails with the eager message.
-    check_inputs(q, k, v)
+    check_inputs(q, k, v, provable=False)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -75,7 +75,7 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     ``layer`` is the index of this SDPA call in the model (-1: unknown), for per-layer stats.
     """
-    check_inputs(q, k, v)
+    check_inputs(q, k, v, provable=False)
     flat = (scale, block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
             min_seq_len, kernel, mean_correction, gqa_shared, collect_stats, vertical_slash,
             vs_threshold, layer)

@@ -1,48 +1,156 @@
-"""Interim: the eager input checks (to be merged with the pass's eligibility rules)."""
+"""What flash_prefill can take: one rule set for the FX/export passes and for the eager API.
+
+The op computes causal attention of q (B, H, S, D) over k, v (B, Hkv, S, D): floating, 4-D, one
+dtype and device, equal batch and head dim, S_q == S_kv >= 1, H a multiple of Hkv (GQA only when
+asked for). ``input_problems`` walks these rules once, in one order, and yields a ``Problem``
+carrying both wordings of each failure:
+
+- ``check_inputs`` (eager, concrete tensors) raises the first one as TypeError/ValueError with a
+  message that names the argument;
+- ``sdpa_skip_reason`` (the passes, fake tensors with possibly symbolic sizes) returns its short
+  reason, after the checks that only an SDPA call has (mask, causality, dropout, scale) and
+  before the pass-only gradient check.
+
+Sizes are compared with ``known_eq``: for concrete ints that is plain ==, for symbolic sizes it is
+"provably equal without a guard", so a graph is never specialised by asking. The op's own checks
+(its fake kernel, while torch.compile traces a call of the op) pass ``provable=False``: there a
+call with symbolic sizes is checked the way it will run, with guards where needed.
+"""
 
 from __future__ import annotations
 
+from typing import Iterator, NamedTuple, Optional
+
 import torch
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .fx_utils import FLOAT_DTYPES, is_python_number
+from .fx_utils import known_divisible as _known_divisible
+from .fx_utils import known_eq as _known_eq
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None, *,
-                 enable_gqa: bool = True) -> None:
-    """Raise TypeError/ValueError naming the problem for inputs the op cannot take."""
+class Problem(NamedTuple):
+    """One failed rule: the pass's skip ``reason`` and the eager ``error`` type and ``message``."""
+
+    reason: str
+    error: type
+    message: str
+
+
+def _length_reason(S_q, S_kv) -> str:
+    """Why S_q == S_kv fails, in the pass's words (decode and chunked prefill named)."""
+    if isinstance(S_q, int) and S_q == 1:
+        return "decode (q_len 1)"
+    if isinstance(S_q, int) and isinstance(S_kv, int):
+        return f"S_q != S_kv ({S_q} vs {S_kv}: chunked prefill or KV cache)"
+    return "S_q == S_kv not provable without a guard"
+
+
+def _guarded_eq(a, b) -> bool:
+    return bool(a == b)
+
+
+def _guarded_divisible(a, b) -> bool:
+    return bool(a % b == 0)
+
+
+def input_problems(q, k, v=None, *, gqa: bool, provable: bool = True) -> Iterator[Problem]:
+    """The rules flash_prefill's inputs break, in checking order (lazily: stop at the first).
+
+    q (B, H, S_q, D); k, v (B, Hkv, S_kv, D); ``v`` None checks q and k only (``select_blocks``);
+    ``gqa``: H != Hkv is allowed (``enable_gqa``, or a head repeat the pass folded away).
+    ``provable``: symbolic sizes must be provably right (the passes); False evaluates them,
+    guarding as torch.compile does (the op's own checks).
+    """
+    known_eq = _known_eq if provable else _guarded_eq
+    known_divisible = _known_divisible if provable else _guarded_divisible
     named = [("query", q), ("key", k)] + ([("value", v)] if v is not None else [])
     for name, t in named:
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"flash_prefill: {name} must be a Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"flash_prefill: {name} must be a floating tensor "
-                            f"(float16/bfloat16/float32/float64), got {t.dtype}")
+            yield Problem("inputs without tensor metadata", TypeError,
+                          f"{name} must be a Tensor, got {type(t).__name__}")
+            return
+        if t.dtype not in FLOAT_DTYPES:
+            yield Problem("not a floating dtype", TypeError,
+                          f"{name} must be a floating tensor "
+                          f"(float16/bfloat16/float32/float64), got {t.dtype}")
+            return
         if t.dim() != 4:
-            raise ValueError(f"flash_prefill: {name} must be 4-D (B, H, S, D), got shape "
-                             f"{tuple(t.shape)}")
+            yield Problem("not 4-D (B, H, S, D)", ValueError,
+                          f"{name} must be 4-D (B, H, S, D), got shape {tuple(t.shape)}")
+            return
+    # from here on every tensor is 4-D, so the shape rules may index freely
     for name, t in named[1:]:
         if t.dtype != q.dtype:
-            raise TypeError(f"flash_prefill: {name} dtype {t.dtype} differs from query dtype "
-                            f"{q.dtype}")
+            yield Problem("q/k/v dtypes differ", TypeError,
+                          f"{name} dtype {t.dtype} differs from query dtype {q.dtype}")
         if t.device != q.device:
-            raise ValueError(f"flash_prefill: {name} is on {t.device} but query is on {q.device}")
-        if t.shape[0] != q.shape[0]:
-            raise ValueError(f"flash_prefill: batch size of {name} ({t.shape[0]}) differs from "
-                             f"query ({q.shape[0]})")
-        if t.shape[-1] != q.shape[-1]:
-            raise ValueError(f"flash_prefill: head dim of {name} ({t.shape[-1]}) differs from "
-                             f"query ({q.shape[-1]})")
-        if t.shape[2] != q.shape[2]:
-            raise ValueError(f"flash_prefill: prefill needs S_q == S_kv; query has "
-                             f"{q.shape[2]} tokens, {name} has {t.shape[2]}")
-    if v is not None and v.shape[1] != k.shape[1]:
-        raise ValueError(f"flash_prefill: key has {k.shape[1]} heads, value {v.shape[1]}")
+            yield Problem("q/k/v devices differ", ValueError,
+                          f"{name} is on {t.device} but query is on {q.device}")
+        if not known_eq(t.shape[0], q.shape[0]):
+            yield Problem("batch sizes differ (broadcast)", ValueError,
+                          f"batch size of {name} ({t.shape[0]}) differs from query "
+                          f"({q.shape[0]})")
+        if not known_eq(t.shape[-1], q.shape[-1]):
+            yield Problem("head dims differ", ValueError,
+                          f"head dim of {name} ({t.shape[-1]}) differs from query "
+                          f"({q.shape[-1]})")
+        if not known_eq(t.shape[2], q.shape[2]):
+            # key checked first: by the value, S_q == S_kv holds, so only k and v disagree
+            reason = (_length_reason(q.shape[2], t.shape[2]) if name == "key"
+                      else "key and value lengths differ")
+            yield Problem(reason, ValueError,
+                          f"prefill needs S_q == S_kv; query has {q.shape[2]} tokens, {name} "
+                          f"has {t.shape[2]}")
+    if v is not None and not known_eq(v.shape[1], k.shape[1]):
+        yield Problem("key and value head counts differ", ValueError,
+                      f"key has {k.shape[1]} heads, value {v.shape[1]}")
     H, Hkv = q.shape[1], k.shape[1]
-    if H != Hkv and not enable_gqa:
-        raise ValueError(f"flash_prefill: query has {H} heads and key {Hkv}; pass "
-                         "enable_gqa=True for grouped-query attention")
-    if Hkv == 0 or H % Hkv:
-        raise ValueError(f"flash_prefill: query heads ({H}) must be a multiple of key/value "
-                         f"heads ({Hkv})")
-    if q.shape[2] == 0:
-        raise ValueError("flash_prefill: sequence length must be at least 1")
+    if not known_eq(H, Hkv) and not gqa:
+        yield Problem("GQA without enable_gqa", ValueError,
+                      f"query has {H} heads and key {Hkv}; pass enable_gqa=True for "
+                      "grouped-query attention")
+    # Hkv == 0 first: known_divisible would divide by it
+    if known_eq(Hkv, 0) or not (known_eq(H, Hkv) or known_divisible(H, Hkv)):
+        yield Problem("query heads not a provable multiple of kv heads", ValueError,
+                      f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    if known_eq(q.shape[2], 0):
+        yield Problem("empty sequence (S 0)", ValueError, "sequence length must be at least 1")
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor] = None, *,
+                 enable_gqa: bool = True, provable: bool = True) -> None:
+    """Raise TypeError/ValueError naming the problem for inputs the op cannot take.
+
+    q (B, H, S, D); k, v (B, Hkv, S, D); ``v`` may be omitted (the pattern search reads q, k).
+    ``provable=False``: symbolic sizes are evaluated with guards (the op's fake kernel).
+    """
+    for problem in input_problems(q, k, v, gqa=enable_gqa, provable=provable):
+        raise problem.error(f"flash_prefill: {problem.message}")
+
+
+def sdpa_skip_reason(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                     enable_gqa=False, *, gqa_folded: bool = False,
+                     check_grad: bool = True) -> Optional[str]:
+    """Why an SDPA call with these (fake) arguments cannot become flash_prefill; None if it can.
+
+    q (B, H, S_q, D); k, v (B, Hkv, S_kv, D). ``gqa_folded``: k/v are the un-repeated tensors of
+    a head repeat folded away by the pass, so H != Hkv is grouped-query attention even without
+    ``enable_gqa``. ``check_grad``: refuse inputs that require grad (the op has no backward;
+    export graphs are inference graphs and pass False).
+    """
+    if attn_mask is not None:
+        return "attn_mask given"
+    if is_causal is not True:
+        return "not causal" if is_causal is False else "is_causal is not a constant"
+    if not is_python_number(dropout_p):
+        return "dropout_p is not a constant"
+    if dropout_p != 0:
+        return f"dropout_p={dropout_p} (training)"
+    if scale is not None and not is_python_number(scale):
+        return "scale is not a constant"
+    for problem in input_problems(q, k, v, gqa=bool(enable_gqa or gqa_folded)):
+        return problem.reason
+    if check_grad and any(t.requires_grad for t in (q, k, v)):
+        return "requires grad"
+    return None
+
