@@ -3,9 +3,10 @@
 # add up to under 10 minutes), a short table last. Full logs and results go under $OUT (or
 # ./gpu_out), packed into results.tgz.
 #   bash benchmarks/gpu_check.sh                 # tests bench demo
-#   bash benchmarks/gpu_check.sh tests bench     # some parts: tests bench accuracy demo
+#   bash benchmarks/gpu_check.sh tests bench     # some parts: tests bench guards accuracy demo
 # Extra arguments for bench_attention.py go in $BENCH_ARGS. Each part has a time limit
-# (TEST_TIMEOUT, BENCH_TIMEOUT, ACC_TIMEOUT, DEMO_TIMEOUT seconds) so one call fits in 10 minutes.
+# (TEST_TIMEOUT, BENCH_TIMEOUT, GUARDS_TIMEOUT, ACC_TIMEOUT, DEMO_TIMEOUT seconds) so one call
+# fits in 10 minutes. GUARDS_ARGS: extra arguments for bench_guards.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -33,6 +34,12 @@ if has bench; then
     ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   summary+=("bench: exit $?")
 fi
+if has guards; then
+  timeout "${GUARDS_TIMEOUT:-300}" python3 benchmarks/bench_guards.py --out "$OUT" \
+    ${GUARDS_ARGS:-} > "$OUT/guards.log" 2>&1
+  summary+=("guards: exit $?")
+  tail -32 "$OUT/guards.log"
+fi
 if has accuracy; then
   timeout "${ACC_TIMEOUT:-120}" python3 benchmarks/bench_accuracy.py --out "$OUT" \
     > "$OUT/accuracy.log" 2>&1
@@ -55,4 +62,4 @@ printf '%s\n' "${summary[@]}" | tee "$OUT/summary.txt"
 # At most 8 files come back from the GPU machine: pack the rest into one archive.
 ( cd "$OUT" && tar czf results.tgz --exclude results.tgz --exclude summary.txt ./* \
   && find . -maxdepth 1 -type f ! -name results.tgz ! -name summary.txt \
-       ! -name bench_attention.json -delete ) || true
+       ! -name bench_attention.json ! -name bench_guards.json -delete ) || true

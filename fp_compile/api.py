@@ -25,7 +25,8 @@ def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     q (B, H, S, D); k, v (B, Hkv, S, D); returns (B, H, S, D) in q's dtype.
     """
     config = config or FlashPrefillConfig()
-    check_inputs(q, k, v, enable_gqa=enable_gqa)
+    # plain comparisons (provable=False): dynamo traces them when flash_prefill is compiled
+    check_inputs(q, k, v, enable_gqa=enable_gqa, provable=False)
     return torch.ops.fp_compile.flash_prefill(q, k, v, scale, *op_config_args(config))
 
 
@@ -34,13 +35,16 @@ class BlockSelection:
     """Kept key blocks per query block, in FlexAttention's BlockMask layout.
 
     kv_num_blocks (B, H, M) int32; kv_indices (B, H, M, M) int32, rows ascending, entries past
-    the count are 0.
+    the count are 0. ``kept_mass`` (B, H, M) fp32: the search's estimate of the attention mass
+    each query block keeps (share of its normalised block scores before the diagonal; 1 for
+    dense rows), the quantity the mass guard holds above ``mass_floor``.
     """
 
     kv_num_blocks: torch.Tensor
     kv_indices: torch.Tensor
     block_size: int
     seq_len: int
+    kept_mass: torch.Tensor | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -97,6 +101,6 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = Non
     ``min_seq_len`` does not apply here: the selection is always computed.
     """
     config = config or FlashPrefillConfig()
-    check_inputs(q, k)
-    num, idx = dispatch.select(q, k, ku.default_scale(q.shape[-1], scale), config)
-    return BlockSelection(num, idx, config.block_size, q.shape[2])
+    check_inputs(q, k, provable=False)
+    sel = dispatch.select(q, k, ku.default_scale(q.shape[-1], scale), config, with_mass=True)
+    return BlockSelection(sel.num, sel.idx, config.block_size, q.shape[2], sel.mass)

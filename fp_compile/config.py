@@ -19,6 +19,8 @@ _BEYOND_PAPER_OFF: dict[str, Any] = {
     "mean_correction": False,
     "gqa_shared": False,
     "vertical_slash": False,
+    "mass_floor": 0.0,
+    "dense_above": 1.0,
 }
 
 
@@ -33,9 +35,10 @@ class FlashPrefillConfig:
         sink_blocks: the first key blocks that every query block always keeps.
         window_blocks: key blocks ending at the diagonal (diagonal included) always kept (>= 1).
         last_dense_blocks: the last query blocks that keep every causal key block.
-        min_seq_len: below this sequence length the op runs dense SDPA (cuDNN on Hopper). The
-            default is the crossover measured on an H200 (benchmarks/RESULTS.md, run 4): the
-            sparse op was 0.92x cuDNN at 4096 tokens and 1.15x at 6144.
+        min_seq_len: below this sequence length the op runs dense SDPA (cuDNN on Hopper). On
+            an H200 (benchmarks/RESULTS.md, run 16) the guards' host decision and the search
+            cost about 0.2 ms, 23% of cuDNN's 0.88 ms at 8K tokens, so structure-less prompts
+            there ran at 0.82x cuDNN: below 16K tokens the op does not try.
         kernel: "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
         mean_correction: FlashPrefill V2's zero-order correction: each skipped key block fully
             before the query block enters the softmax as one pseudo-token.
@@ -45,7 +48,18 @@ class FlashPrefillConfig:
             query block they reach: what mean-pooled block scores dilute.
         vs_threshold: a column or diagonal is heavy when it holds at least this share of the
             last query block's attention mass (diagonals: beyond what columns explain).
-        dense_layers: SDPA-call indices (order of calls in the model) that stay dense.
+        mass_floor: the mass guard. The normalised block scores estimate each query block's
+            attention mass per key block; a row whose kept estimated mass falls below this
+            keeps more blocks, down a ladder of lower thresholds (alpha, alpha/4, alpha/16,
+            alpha/64, then every causal block): no sort. 0 is the paper's rule.
+        dense_above: a kv group (the query heads that share one k/v head) whose kept density is
+            above this runs dense attention (cuDNN on Hopper) instead of block-sparse, where
+            sparsity no longer pays. Decided on the host after the search (one small device to
+            host copy), except while a CUDA graph is being captured, when every group runs
+            block-sparse. 1 never runs dense.
+        dense_layers: layers that stay dense, numbered as the pass numbers them (the model's
+            layer index, e.g. ``layers.3.self_attn`` is 3; else the SDPA call's order in its
+            graph).
         layer_alpha: per-layer alpha overrides, as ``((layer, alpha), ...)``.
         collect_stats: record per-layer, per-head density of every prefill (off: no cost).
     """
@@ -55,12 +69,14 @@ class FlashPrefillConfig:
     sink_blocks: int = 2
     window_blocks: int = 4
     last_dense_blocks: int = 2
-    min_seq_len: int = 6144
+    min_seq_len: int = 16384
     kernel: str = "auto"
     mean_correction: bool = False
     gqa_shared: bool = False
     vertical_slash: bool = False
     vs_threshold: float = 0.015
+    mass_floor: float = 0.8
+    dense_above: float = 0.6
     dense_layers: tuple[int, ...] = ()
     layer_alpha: tuple[tuple[int, float], ...] = ()
     collect_stats: bool = False
@@ -88,6 +104,8 @@ class FlashPrefillConfig:
                 f"FlashPrefillConfig.kernel must be one of {_KERNELS}, got {self.kernel!r}"
             )
         _check_alpha("vs_threshold", self.vs_threshold)
+        _check_alpha("mass_floor", self.mass_floor)
+        _check_alpha("dense_above", self.dense_above)
         for name in ("mean_correction", "gqa_shared", "collect_stats", "vertical_slash"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"FlashPrefillConfig.{name} must be a bool")

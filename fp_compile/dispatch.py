@@ -5,8 +5,10 @@ here, so a call's route is ops -> dispatch -> kernels and the config travels as 
 
 * ``run(q, k, v, scale, config, layer)``: the whole op (dense below ``min_seq_len``, else the
   selection and block-sparse attention), on concrete or traced tensors;
-* ``select(q, k, scale, config)``: the selection alone, compact (``select_blocks``, stats and
-  ``calibrate`` use it);
+* ``select(q, k, scale, config)``: the selection alone, compact, with the mass guard
+  (``select_blocks`` and stats use it);
+* ``attend(...)``: the attention over a selection, dense for the kv groups whose density is
+  above ``config.dense_above`` (a host decision, skipped during CUDA-graph capture);
 * ``dense(q, k, v, scale)``: the dense causal path (cuDNN on Hopper);
 * ``observe(fn)``: a context in which every ``run`` reports (layer, q, k, scale, config) to
   ``fn`` before computing (``calibrate`` sees the same calls, numbered the same way, as the
@@ -22,7 +24,7 @@ Layouts: q (B, H, S, D); k, v (B, Hkv, S, D), H % Hkv == 0; out (B, H, S, D).
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,11 @@ from .kernels.block_sparse_attention import block_sparse_attention_reference
 from .kernels.pattern_search import select_mask_reference
 
 _observers: list[Callable] = []
+
+# When more than this share of a call's kv groups is above ``dense_above``, the whole call runs
+# dense: on the H200 (RESULTS.md run 13, 8K tokens) a sparse call plus a dense call for 24 of 32
+# heads took 1.67 ms where one dense call took 0.88 ms.
+MOSTLY_DENSE = 0.5
 
 
 def use_triton(q: torch.Tensor, kernel: str) -> bool:
@@ -58,35 +65,46 @@ def observe(fn: Callable) -> Iterator[None]:
         _observers.remove(fn)
 
 
-def select_mask(q: torch.Tensor, k: torch.Tensor, scale: float,
-                config: FlashPrefillConfig) -> torch.Tensor:
-    """The reference selection as a dense (B, H, M, M) bool mask of kept blocks."""
+class Selection(NamedTuple):
+    """kv_num_blocks (B, H, M), kv_indices (B, H, M, M) int32; ``mass``: the estimated kept
+    mass per row (B, H, M) fp32 when asked for (None otherwise)."""
+
+    num: torch.Tensor
+    idx: torch.Tensor
+    mass: Optional[torch.Tensor] = None
+
+
+def select_mask(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig, *,
+                return_mass: bool = False):
+    """The reference selection as a dense (B, H, M, M) bool mask of kept blocks (+ the mass)."""
     return select_mask_reference(
         q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
-        config.last_dense_blocks, config.gqa_shared, config.vertical_slash, config.vs_threshold)
+        config.last_dense_blocks, config.gqa_shared, config.vertical_slash, config.vs_threshold,
+        config.mass_floor, return_mass=return_mass)
 
 
 def select(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig, *,
-           kmean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept key blocks per query block: kv_num_blocks (B, H, M), kv_indices (B, H, M, M) int32.
+           kmean: torch.Tensor | None = None, with_mass: bool = False) -> Selection:
+    """Kept key blocks per query block (the mass guard included), compact.
 
     With the vertical/slash detector on, the GQA union is taken after it adds its blocks, as
     the reference does. ``kmean``: precomputed key-block means (mean correction shares them).
     """
     if not use_triton(q, config.kernel):
-        return ku.compact_mask(select_mask(q, k, scale, config))
+        keep, mass = select_mask(q, k, scale, config, return_mass=True)
+        return Selection(*ku.compact_mask(keep), mass if with_mass else None)
     from .kernels.pattern_search import pattern_search
 
-    num, idx = pattern_search(
+    num, idx, *mass = pattern_search(
         q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
         config.last_dense_blocks, gqa_shared=config.gqa_shared and not config.vertical_slash,
-        kmean=kmean)
+        kmean=kmean, mass_floor=config.mass_floor, return_mass=with_mass)
     if config.vertical_slash:
         from .kernels.vertical_slash import add_vertical_slash_compact
 
         num, idx = add_vertical_slash_compact(q, k, num, idx, scale, config.block_size,
                                               config.vs_threshold, gqa_shared=config.gqa_shared)
-    return num, idx
+    return Selection(num, idx, mass[0] if mass else None)
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -115,26 +133,87 @@ def sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if not use_triton(q, config.kernel):
         return block_sparse_attention_reference(q, k, v, num, idx, scale, config.block_size,
                                                 config.mean_correction)
-    from .kernels.block_sparse_attention import block_sparse_attention
+    from .kernels.block_sparse_attention import block_sparse_attention, capture_tile
 
+    # No autotuning while a CUDA graph is captured (it would run and time candidates there)
+    tile = capture_tile(q, config.block_size) if _capturing(q) else None
     return block_sparse_attention(q, k, v, num, idx, scale, config.block_size,
                                   mean_correction=config.mean_correction, kmean=kmean,
-                                  vmean=vmean)
+                                  vmean=vmean, tile=tile)
+
+
+def _capturing(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def dense_groups(num: torch.Tensor, num_kv_heads: int, dense_above: float) -> torch.Tensor:
+    """(B, Hkv) bool: kv groups whose kept density (mean over their query heads) is above
+    ``dense_above``, from kv_num_blocks (B, H, M)."""
+    B, H, M = num.shape
+    kept = num.to(torch.float32).sum(dim=-1).view(B, num_kv_heads, H // num_kv_heads).mean(-1)
+    return kept > dense_above * ku.causal_blocks(M)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           config: FlashPrefillConfig, sel: Selection, kmean=None, vmean=None
+           ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Attention over the selection, dense for the kv groups where sparsity does not pay.
+
+    Returns (out, dense (B, Hkv) bool on the host, or None when the decision was not taken).
+    The decision is taken on the host: one (B, Hkv) device-to-host copy after the search, so
+    the host waits for the search to finish before it launches the attention. It is skipped
+    while a CUDA graph is being captured (a capture cannot read device values): then every
+    group runs block-sparse, exact but slower than dense where the density is high.
+    """
+    if config.dense_above >= 1 or _capturing(q):
+        return sparse(q, k, v, scale, config, sel.num, sel.idx, kmean, vmean), None
+    Hkv = k.shape[1]
+    flags = dense_groups(sel.num, Hkv, config.dense_above).cpu()
+    # Mostly dense: one dense call beats a sparse call plus dense calls on the rest.
+    if float(flags.float().mean()) > MOSTLY_DENSE:
+        return dense(q, k, v, scale), flags.fill_(True)
+    if not bool(flags.any()):
+        return sparse(q, k, v, scale, config, sel.num, sel.idx, kmean, vmean), flags
+    # Mixed: the sparse kernel skips the dense groups' rows (no kept block: nothing loaded),
+    # then dense attention over each run of consecutive dense groups overwrites them.
+    G = q.shape[1] // Hkv
+    heads = flags.to(q.device).repeat_interleave(G, dim=1)          # (B, H)
+    out = sparse(q, k, v, scale, config, sel.num.masked_fill(heads[..., None], 0), sel.idx,
+                 kmean, vmean)
+    for b, g0, g1 in _runs(flags):
+        h0, h1 = g0 * G, g1 * G
+        out[b:b + 1, h0:h1] = dense(q[b:b + 1, h0:h1], k[b:b + 1, g0:g1], v[b:b + 1, g0:g1],
+                                    scale)
+    return out, flags
+
+
+def _runs(flags: torch.Tensor):
+    """(b, g0, g1) for each run of consecutive True entries g0..g1-1 of row b of flags (B, n)."""
+    for b, row in enumerate(flags.tolist()):
+        g = 0
+        while g < len(row):
+            if row[g]:
+                g1 = g
+                while g1 < len(row) and row[g1]:
+                    g1 += 1
+                yield b, g, g1
+                g = g1
+            g += 1
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
         config: FlashPrefillConfig, layer: int = -1) -> torch.Tensor:
-    """The op: dense below ``config.min_seq_len``, else select + block-sparse attention.
+    """The op: dense below ``config.min_seq_len``, else select + attention (block-sparse, or
+    dense for the kv groups above ``config.dense_above``).
 
-    ``layer`` is the SDPA call's index in the model (-1: unknown), for stats and observers.
+    ``layer`` is the SDPA call's layer number (-1: unknown), for stats and observers.
     """
     scale = ku.default_scale(q.shape[-1], scale)
     for fn in list(_observers):
         fn(layer, q, k, scale, config)
-    is_sparse = q.shape[2] >= config.min_seq_len
-    if not is_sparse:
+    if q.shape[2] < config.min_seq_len:
         if config.collect_stats:
-            _record(layer, q, config, None)
+            _record(layer, q, k, config, None, None)
         return dense(q, k, v, scale)
     kmean = vmean = None
     if config.mean_correction and use_triton(q, config.kernel):
@@ -142,26 +221,43 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
 
         # One pass over K and V gives the block statistics of both stages.
         kmean, vmean = block_means(k, config.block_size, v)
-    num, idx = select(q, k, scale, config, kmean=kmean)
+    sel = select(q, k, scale, config, kmean=kmean, with_mass=config.collect_stats)
+    out, flags = attend(q, k, v, scale, config, sel, kmean, vmean)
     if config.collect_stats:
-        _record(layer, q, config, num)
-    return sparse(q, k, v, scale, config, num, idx, kmean, vmean)
+        _record(layer, q, k, config, sel, flags)
+    return out
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
               config: FlashPrefillConfig) -> torch.Tensor:
-    """The whole op in plain torch, whatever ``config.kernel`` says: what ``run`` must equal."""
+    """The whole op in plain torch, whatever ``config.kernel`` says: what ``run`` must equal
+    (outside CUDA-graph capture): dense below ``min_seq_len``; else the selection, block-sparse
+    attention, and exact attention for the kv groups above ``dense_above``."""
     scale = ku.default_scale(q.shape[-1], scale)
     if q.shape[2] < config.min_seq_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
     num, idx = ku.compact_mask(select_mask(q, k, scale, config))
-    return block_sparse_attention_reference(q, k, v, num, idx, scale, config.block_size,
-                                            config.mean_correction)
+    flags = dense_groups(num, k.shape[1], config.dense_above)
+    if float(flags.float().mean()) > MOSTLY_DENSE:
+        flags = torch.ones_like(flags)
+    out = block_sparse_attention_reference(q, k, v, num, idx, scale, config.block_size,
+                                           config.mean_correction)
+    if bool(flags.any()):
+        exact = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                               enable_gqa=q.shape[1] != k.shape[1])
+        heads = flags.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        out = torch.where(heads[:, :, None, None], exact, out)
+    return out
 
 
-def _record(layer: int, q: torch.Tensor, config: FlashPrefillConfig,
-            num: torch.Tensor | None) -> None:
+def _record(layer: int, q: torch.Tensor, k: torch.Tensor, config: FlashPrefillConfig,
+            sel: Optional[Selection], flags: Optional[torch.Tensor]) -> None:
     from .stats import record
 
-    record(layer, q.shape[2], q.shape[0], config.block_size, config.alpha, num, q.shape[1])
+    heads_dense = None
+    if flags is not None:
+        heads_dense = flags.repeat_interleave(q.shape[1] // k.shape[1], dim=1).any(dim=0)
+    record(layer, q.shape[2], q.shape[0], config.block_size, config.alpha,
+           None if sel is None else sel.num, q.shape[1],
+           mass=None if sel is None else sel.mass, dense_heads=heads_dense)

@@ -29,6 +29,7 @@ from .passes.eligibility import check_inputs
 OP_CONFIG_FIELDS = (
     "block_size", "alpha", "sink_blocks", "window_blocks", "last_dense_blocks", "min_seq_len",
     "kernel", "mean_correction", "gqa_shared", "collect_stats", "vertical_slash", "vs_threshold",
+    "mass_floor", "dense_above",
 )
 
 
@@ -48,10 +49,11 @@ def flash_prefill_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         window_blocks: int, last_dense_blocks: int, min_seq_len: int,
                         kernel: str, mean_correction: bool, gqa_shared: bool,
                         collect_stats: bool, vertical_slash: bool = False,
-                        vs_threshold: float = 0.015, layer: int = -1) -> torch.Tensor:
+                        vs_threshold: float = 0.015, mass_floor: float = 0.0,
+                        dense_above: float = 1.0, layer: int = -1) -> torch.Tensor:
     config = _config(block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
                      min_seq_len, kernel, mean_correction, gqa_shared, collect_stats,
-                     vertical_slash, vs_threshold)
+                     vertical_slash, vs_threshold, mass_floor, dense_above)
     # The fake kernel promises a contiguous output; the reference (and SDPA for short prompts)
     # follow q's layout, which is a transposed view in most models.
     return dispatch.run(q, k, v, scale, config, layer).contiguous()
@@ -70,16 +72,21 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      window_blocks: int, last_dense_blocks: int, min_seq_len: int, kernel: str,
                      mean_correction: bool, gqa_shared: bool,
                      collect_stats: bool, vertical_slash: bool = False,
-                     vs_threshold: float = 0.015, layer: int = -1) -> torch.Tensor:
+                     vs_threshold: float = 0.015, mass_floor: float = 0.0,
+                     dense_above: float = 1.0, layer: int = -1) -> torch.Tensor:
     """FlashPrefill causal attention. q (B, H, S, D); k, v (B, Hkv, S, D); returns (B, H, S, D).
 
-    ``layer`` is the index of this SDPA call in the model (-1: unknown), for per-layer stats.
+    ``layer`` is the layer number the pass gave this SDPA call (-1: unknown), for stats.
+    The config fields' defaults in the schema are the paper's rule (guards off), so programs
+    saved before a field existed run as they did.
     """
     check_inputs(q, k, v, provable=False)
     flat = (scale, block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
             min_seq_len, kernel, mean_correction, gqa_shared, collect_stats, vertical_slash,
-            vs_threshold, layer)
-    if q.device.type != "cuda" or kernel == "reference" or collect_stats:
+            vs_threshold, mass_floor, dense_above, layer)
+    if q.device.type != "cuda" or kernel == "reference" or collect_stats or dense_above < 1:
+        # (dense_above < 1: the dense fallback decides on the host, which needs concrete
+        # tensors: the whole call runs in the opaque op, its kernels launched from Python.)
         return torch.ops.fp_compile.flash_prefill_eager(q, k, v, *flat)
     if not isinstance(q.shape[2] < min_seq_len, bool):
         # Symbolic length (dynamic shapes): decide at run time, with the concrete length, inside

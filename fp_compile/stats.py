@@ -28,7 +28,11 @@ _prefill = {"index": 0, "seen": set()}
 @dataclass(frozen=True)
 class LayerStats:
     """One op call. ``head_density`` (H,) is kept causal blocks / all causal blocks, averaged
-    over the batch; 1.0 everywhere when the call ran dense (``sparse=False``, S < min_seq_len)."""
+    over the batch; 1.0 everywhere when the call ran dense (``sparse=False``, S < min_seq_len).
+    ``head_mass`` (H,): the lowest estimated kept mass of any query block of the head (the
+    mass guard holds it above ``mass_floor``; 1.0 when not measured). ``dense_heads`` (H,):
+    heads whose kv group ran dense attention because its density was above ``dense_above``.
+    """
 
     prefill: int
     layer: int
@@ -38,10 +42,20 @@ class LayerStats:
     alpha: float
     sparse: bool
     head_density: tuple[float, ...]
+    head_mass: tuple[float, ...] = ()
+    dense_heads: tuple[bool, ...] = ()
 
     @property
     def density(self) -> float:
         return sum(self.head_density) / len(self.head_density)
+
+    @property
+    def min_mass(self) -> float:
+        return min(self.head_mass, default=1.0)
+
+    @property
+    def n_dense_heads(self) -> int:
+        return sum(self.dense_heads)
 
 
 class StatsTable:
@@ -69,17 +83,22 @@ class StatsTable:
     def as_dicts(self) -> list[dict]:
         return [dict(prefill=r.prefill, layer=r.layer, seq_len=r.seq_len, batch=r.batch,
                      block_size=r.block_size, alpha=r.alpha, sparse=r.sparse,
-                     density=r.density, head_density=list(r.head_density)) for r in self.rows]
+                     density=r.density, head_density=list(r.head_density),
+                     head_mass=list(r.head_mass), dense_heads=list(r.dense_heads))
+                for r in self.rows]
 
     def __str__(self) -> str:
         if not self.rows:
             return "(no FlashPrefill stats recorded: set collect_stats=True)"
         lines = [f"{'prefill':>7} {'layer':>5} {'seq_len':>8} {'alpha':>6} {'mode':>6} "
-                 f"{'density':>8}  per-head density"]
+                 f"{'density':>8} {'min mass':>8} {'dense h':>7}  per-head density "
+                 "(* ran dense)"]
         for r in self.rows:
-            heads = " ".join(f"{d:.2f}" for d in r.head_density)
+            heads = " ".join(f"{d:.2f}" + ("*" if r.dense_heads and r.dense_heads[h] else "")
+                             for h, d in enumerate(r.head_density))
             lines.append(f"{r.prefill:>7} {r.layer:>5} {r.seq_len:>8} {r.alpha:>6.3g} "
-                         f"{'sparse' if r.sparse else 'dense':>6} {r.density:>8.3f}  {heads}")
+                         f"{'sparse' if r.sparse else 'dense':>6} {r.density:>8.3f} "
+                         f"{r.min_mass:>8.3f} {r.n_dense_heads:>7}  {heads}")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -99,10 +118,12 @@ def reset_stats() -> None:
 
 
 def record(layer: int, seq_len: int, batch: int, block_size: int, alpha: float,
-           kv_num_blocks: torch.Tensor | None, num_heads: int) -> None:
-    """Store one call. ``kv_num_blocks`` (B, H, M) from the pattern search, None for a dense run.
+           kv_num_blocks: torch.Tensor | None, num_heads: int, *,
+           mass: torch.Tensor | None = None, dense_heads: torch.Tensor | None = None) -> None:
+    """Store one call. ``kv_num_blocks`` (B, H, M) from the pattern search, None for a dense run;
+    ``mass`` (B, H, M) the estimated kept mass per query block; ``dense_heads`` (H,) bool.
 
-    A new prefill starts when a layer index repeats (layers are numbered by SDPA call order).
+    A new prefill starts when a layer number repeats.
     """
     if kv_num_blocks is None:
         heads = (1.0,) * num_heads
@@ -110,13 +131,16 @@ def record(layer: int, seq_len: int, batch: int, block_size: int, alpha: float,
         M = kv_num_blocks.shape[-1]
         per_head = kv_num_blocks.double().sum(-1).mean(0) / (M * (M + 1) / 2)
         heads = tuple(float(x) for x in per_head.cpu())
+    head_mass = () if mass is None else tuple(
+        float(x) for x in mass.amin(dim=(0, 2)).cpu())
+    dense = () if dense_heads is None else tuple(bool(x) for x in dense_heads.cpu())
     with _lock:
         if layer in _prefill["seen"]:
             _prefill["index"] += 1
             _prefill["seen"] = set()
         _prefill["seen"].add(layer)
         row = LayerStats(_prefill["index"], layer, seq_len, batch, block_size, alpha,
-                         kv_num_blocks is not None, heads)
+                         kv_num_blocks is not None, heads, head_mass, dense)
         _rows.append(row)
     log.debug("flashprefill layer %d: S=%d %s density %.3f", layer, seq_len,
               "sparse" if row.sparse else "dense", row.density)

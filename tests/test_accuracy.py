@@ -192,7 +192,7 @@ class TinyAttentionModel(nn.Module):
 def test_calibrate_picks_largest_alpha_meeting_target():
     samples = [planted_qkv(1, 2, 2, 256, 32, seed=s) for s in (0, 1)]
     alphas = (0.5, 0.2, 0.05, 0.0)
-    base = FlashPrefillConfig(block_size=16, sink_blocks=1, window_blocks=1, last_dense_blocks=0)
+    base = FlashPrefillConfig.paper_rule(block_size=16, sink_blocks=1, window_blocks=1, last_dense_blocks=0)
     cfg, report = fp_compile.calibrate(TinyAttentionModel(), samples, target_recall=0.97,
                                        alphas=alphas, config=base)
     assert [r.layer for r in report.layers] == [0, 2]

@@ -12,7 +12,7 @@ from fp_compile.ops import op_config_args
 from fp_compile.demo.synthetic import planted_qkv
 from tests.helpers import assert_close
 
-SPARSE = FlashPrefillConfig(block_size=16, min_seq_len=0, kernel="reference")
+SPARSE = FlashPrefillConfig.paper_rule(block_size=16, min_seq_len=0, kernel="reference")
 
 
 def qkv(B=1, H=4, Hkv=2, S=100, D=32, dtype=torch.float32, seed=0):

@@ -1,6 +1,8 @@
 """One compiled graph for every prompt length: with dynamic shapes the backend runs once, and the
 op decides dense (short prompt) or sparse (long prompt) at run time, without a length guard."""
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -34,8 +36,7 @@ def counting_backend(config):
     from fp_compile.backend import flashprefill_backend
 
     calls = []
-    options = {"block_size": config.block_size, "alpha": config.alpha,
-               "min_seq_len": config.min_seq_len, "collect_stats": config.collect_stats}
+    options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
     def backend(gm, example_inputs):
         # Counted on return: with dynamic=True dynamo may restart its first analysis from inside
@@ -53,7 +54,8 @@ def test_one_graph_serves_short_dense_and_long_sparse_prompts():
                      intermediate_size=128, max_seq_len=512)
     torch.manual_seed(0)
     model = plant_attention_structure(Transformer(args).eval())
-    cfg = FlashPrefillConfig(block_size=16, min_seq_len=96, alpha=0.5, collect_stats=True)
+    cfg = FlashPrefillConfig.paper_rule(block_size=16, min_seq_len=96, alpha=0.5,
+                                        collect_stats=True)
     backend, calls = counting_backend(cfg)
     compiled = torch.compile(model.hidden, backend=backend, dynamic=True)
     fp_compile.reset_stats()

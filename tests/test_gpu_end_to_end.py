@@ -49,7 +49,8 @@ def test_gpu_backend_code_contains_both_kernels():
 
     torch._dynamo.reset()
     m, x = model_and_input(2304)
-    cfg = FlashPrefillConfig(min_seq_len=0, alpha=0.0)
+    # paper_rule: with the dense fallback off the op's body is traced, kernels inlined
+    cfg = FlashPrefillConfig.paper_rule(min_seq_len=0, alpha=0.0)
     compiled = torch.compile(m, backend=make_backend(cfg), fullgraph=True)
     with torch.no_grad():   # prefill is inference: graphs needing gradients stay dense
         out, code = run_and_get_code(compiled, x)
@@ -57,6 +58,46 @@ def test_gpu_backend_code_contains_both_kernels():
     assert "_pattern_search_kernel" in code and "_bsa_fwd_kernel" in code
     with torch.no_grad():
         assert rel_l2(out, m(x)) <= 1e-2   # alpha = 0 keeps every block: dense
+
+
+@gpu
+def test_gpu_default_config_runs_the_opaque_op_with_the_dense_fallback():
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    m, x = model_and_input(4096, seed=2)
+    compiled = torch.compile(m, backend=make_backend(FlashPrefillConfig(min_seq_len=0)),
+                             fullgraph=True)
+    with torch.no_grad():
+        out, code = run_and_get_code(compiled, x)
+        want = m(x)
+    assert "flash_prefill_eager" in "\n".join(code)
+    assert torch.isfinite(out).all() and rel_l2(out, want) <= 2e-2
+
+
+@gpu
+def test_gpu_dense_fallback_under_cuda_graph_capture():
+    # random q/k: the host would pick dense; during capture the op may not read the device,
+    # so it runs block-sparse (every block kept here): capture works and replays are right
+    g = torch.Generator("cuda").manual_seed(0)
+    q = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = torch.randn(2, 1, 2, 4096, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    cfg = FlashPrefillConfig(min_seq_len=0)
+    flash_prefill(q, k, v, enable_gqa=True, config=cfg)     # warm-up outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        flash_prefill(q, k, v, enable_gqa=True, config=cfg)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = flash_prefill(q, k, v, enable_gqa=True, config=cfg)
+    for seed in range(2):
+        g = torch.Generator("cuda").manual_seed(seed + 1)
+        q.copy_(torch.randn(q.shape, device="cuda", dtype=q.dtype, generator=g))
+        graph.replay()
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        assert torch.isfinite(out).all() and rel_l2(out, want) <= 1e-2, seed
 
 
 @gpu
@@ -123,9 +164,9 @@ def test_gpu_alpha_zero_equals_sdpa(S, backend):
 
 
 @gpu
-def test_gpu_default_config_is_sparse_and_close_at_16k():
+def test_gpu_paper_rule_is_sparse_and_close_at_16k():
     q, k, v = planted_qkv(1, 8, 2, 16384, 128, seed=3, dtype=torch.bfloat16, device="cuda")
-    cfg = FlashPrefillConfig(min_seq_len=0)
+    cfg = FlashPrefillConfig.paper_rule(min_seq_len=0)      # the paper's selection: sparse
     got = flash_prefill(q, k, v, enable_gqa=True, config=cfg)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     from fp_compile import select_blocks
@@ -134,6 +175,9 @@ def test_gpu_default_config_is_sparse_and_close_at_16k():
     err = rel_l2(got, expected)
     print(f"S=16384 density {density:.3f} rel err {err:.4f}")
     assert density < 0.5 and err < 0.25
+    # the defaults (mass guard, dense fallback) are never less accurate than the paper's rule
+    guarded = flash_prefill(q, k, v, enable_gqa=True, config=FlashPrefillConfig(min_seq_len=0))
+    assert rel_l2(guarded, expected) <= err + 1e-3
 
 
 @gpu

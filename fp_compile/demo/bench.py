@@ -229,8 +229,11 @@ def bench_variant(S: int, name: str, fns: Compiled, args, with_recall: bool) -> 
     return row
 
 
-VARIANTS = {"paper_rule": {}, "mean_correction": {"mean_correction": True},
-            "gqa_shared": {"gqa_shared": True}, "vertical_slash": {"vertical_slash": True}}
+# Options beyond the paper, each measured against the paper's rule (guards off in every one)
+_PAPER = {"mass_floor": 0.0, "dense_above": 1.0}
+VARIANTS = {"paper_rule": _PAPER, "mean_correction": {**_PAPER, "mean_correction": True},
+            "gqa_shared": {**_PAPER, "gqa_shared": True},
+            "vertical_slash": {**_PAPER, "vertical_slash": True}}
 
 
 COLUMNS = [("S", "{:>7}"), ("cudnn_ms", "{:8.2f}"), ("flash_ms", "{:8.2f}"),

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .utils import acc_dtype, cdiv, check_kernel_dtype
+from .utils import acc_dtype, cdiv, check_kernel_dtype, launcher
 
 
 @triton.jit
@@ -64,7 +63,7 @@ def block_means(k: torch.Tensor, block_size: int, v: torch.Tensor | None = None,
     DP = max(16, triton.next_power_of_2(int(D)))
     # Row chunks keep the per-program tile at <= 4K elements (no register spills at D = 256).
     rows = max(1, min(block_size, 4096 // DP))
-    wrap_triton(_block_means_kernel)[(M, B * Hkv)](
+    launcher(_block_means_kernel)[(M, B * Hkv)](
         k, vv, kmean, vmean, *k.stride(), *vv.stride(), S, M, Hkv,
         BLOCK=block_size, D=D, DP=DP, ROWS=rows, HAS_V=v is not None, num_warps=4)
     return kmean if v is None else (kmean, vmean)

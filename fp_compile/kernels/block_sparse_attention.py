@@ -32,11 +32,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .block_means import block_means, key_block_stats
 from .utils import (LOG2E, acc_dtype, cdiv, check_kernel_dtype, expand_indices, group_view,
-                    interpreting, rows_per_chunk)
+                    interpreting, launcher, rows_per_chunk)
 
 
 @triton.jit
@@ -215,6 +214,13 @@ def _gpu_tiles(block_size: int, head_dim_p2: int, elt_bytes: int):
     return fit or [(block_size, block_size, 4, 2), (block_size, block_size, 4, 3)]
 
 
+def capture_tile(q: torch.Tensor, block_size: int) -> tuple[int, int, int, int]:
+    """A fixed launch config for calls made while a CUDA graph is captured, where the
+    autotuner must not run (it would launch and time its candidates inside the capture)."""
+    DP = max(16, triton.next_power_of_2(int(q.shape[-1])))
+    return _gpu_tiles(block_size, DP, q.element_size())[0]
+
+
 def _block_j(head_dim_p2: int) -> int:
     """Key blocks per mean-correction step (16 when interpreting, so tests cross chunks)."""
     return 16 if interpreting() or head_dim_p2 > 128 else 32
@@ -290,7 +296,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if tile is not None:
         bm, bn, warps, stages = tile
         grid = (B * H, triton.cdiv(S, bm))
-        wrap_triton(_bsa_fwd_kernel)[grid](*args, BLOCK_M=bm, BLOCK_N=bn, **consts,
+        launcher(_bsa_fwd_kernel)[grid](*args, BLOCK_M=bm, BLOCK_N=bn, **consts,
                                            num_warps=warps, num_stages=stages)
         return out
 
@@ -299,7 +305,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     def grid(meta):
         return (B * H, triton.cdiv(S, meta["BLOCK_M"]))
 
-    wrap_triton(_autotuned_kernel(block_size, DP, q.element_size()))[grid](*args, **consts)
+    launcher(_autotuned_kernel(block_size, DP, q.element_size()))[grid](*args, **consts)
     return out
 
 

@@ -38,11 +38,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .block_means import block_means, key_block_means
 from .utils import (LOG2E, cdiv, check_kernel_dtype, compact_mask, gqa_union, group_view,
-                    interpreting, rows_per_chunk)
+                    interpreting, launcher, rows_per_chunk)
 from .vertical_slash import add_vertical_slash, vertical_slash_flags_reference
 
 
@@ -78,13 +77,49 @@ def _tile_log2_scores(qt, kmean_row, j0, n_cols, row_ok, qk_scale,
 
 
 @triton.jit
-def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr,
+def _guard_offset(scores_row, mass_out, best, has_nan, log2_alpha, mass_floor, i, n_tiles,
+                  sink_blocks, window_lo, TJ: tl.constexpr, RUNGS: tl.constexpr,
+                  RP: tl.constexpr, LOG2_RATIO: tl.constexpr):
+    """The mass guard for one head's row: log2 of the chosen rung's relative threshold.
+
+    scores_row: the row's parked log2 scores (blocks j < i); best: their max. Rung c keeps
+    blocks with log2 score >= best + log2(alpha) + c * LOG2_RATIO, the last rung every block,
+    sinks and window always. The weights 2^(ls - best) are the scores normalised by the row's
+    best, so the shares equal those of ``guarded_choice``. Writes the chosen rung's kept share
+    (1 when nothing is scored or a score is NaN).
+    """
+    # Pass A's stores must be visible to every thread before they are read back.
+    tl.debug_barrier()
+    cs = tl.arange(0, RP)
+    rel = tl.where(cs < RUNGS - 1, log2_alpha + cs.to(tl.float32) * LOG2_RATIO, float("-inf"))
+    total = tl.zeros([], dtype=tl.float32)
+    kept = tl.zeros([RP], dtype=tl.float32)
+    for t in range(0, n_tiles):
+        js = t * TJ + tl.arange(0, TJ)
+        scored = js < i
+        ls = tl.load(scores_row + js, mask=scored, other=0).to(tl.float32, bitcast=True)
+        w = tl.where(scored & (ls == ls), tl.exp2(ls - best), 0.0)
+        always = (js < sink_blocks) | (js > window_lo) | (ls != ls)
+        passes = (ls[:, None] >= best + rel[None, :]) | always[:, None]
+        kept += tl.sum(w[:, None] * passes.to(tl.float32), axis=0)
+        total += tl.sum(w, axis=0)
+    ok = (kept >= mass_floor * total) | (cs >= RUNGS - 1)
+    c_star = tl.min(tl.where(ok, cs, RP), axis=0)
+    share = tl.sum(tl.where(cs == c_star, kept, 0.0), axis=0) / tl.maximum(total, 1e-38)
+    share = tl.where((total > 0) & (has_nan == 0), share, 1.0)
+    tl.store(mass_out, share)
+    return tl.max(tl.where(cs == c_star, rel, float("-inf")), axis=0)
+
+
+@triton.jit
+def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr,
                            sqb, sqh, sqs, sqd,
-                           S, M, H, Hkv, G, qk_scale, log2_alpha,
+                           S, M, H, Hkv, G, qk_scale, log2_alpha, mass_floor,
                            sink_blocks, window_blocks, last_dense_blocks,
                            BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                            TJ: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
-                           IEEE: tl.constexpr):
+                           IEEE: tl.constexpr, MASS: tl.constexpr, RUNGS: tl.constexpr,
+                           RP: tl.constexpr, LOG2_RATIO: tl.constexpr):
     """One program per (query block i, batch * head unit); a unit is GROUP query heads.
 
     GROUP = 1: each query head gets its own kept set. GROUP = G: the heads of one kv group get
@@ -92,13 +127,18 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr,
     kv_indices[b, h, i, :] of every head of the unit.
 
     Pass A scores the row once and parks the fp32 log2 scores in the row's own kv_indices
-    storage (bit-cast; the row is this program's alone and stays in L2). Pass B reads them back
-    tile by tile and compacts the kept indices in place: the index written at position p comes
-    from a block j >= p of a tile already read, so no unread score is overwritten.
+    storage (bit-cast; the row is this program's alone and stays in L2). With MASS, pass A2
+    reads them back once to weigh the ladder of ``guarded_choice``: the estimated mass each rung
+    keeps, all rungs at once (RUNGS of them, RP a power of two >= RUNGS); the row takes the
+    first rung that keeps ``mass_floor`` of it and writes that share to mass[b, h, i]. Pass B
+    reads the scores back tile by tile and compacts the kept indices in place: the index
+    written at position p comes from a block j >= p of a tile already read, so no unread score
+    is overwritten.
     """
     # torch.compile may pass Python floats as fp64: keep the arithmetic in fp32.
     qk_scale = tl.cast(qk_scale, tl.float32)
     log2_alpha = tl.cast(log2_alpha, tl.float32)
+    mass_floor = tl.cast(mass_floor, tl.float32)
     # Largest rows first: they hold the most key blocks, so the tail of the launch is short.
     i = M - 1 - tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -138,8 +178,13 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr,
             isnan = ls != ls
             has_nan = tl.maximum(has_nan, tl.max(isnan.to(tl.int32), axis=0))
             best = tl.maximum(best, tl.max(tl.where(isnan, float("-inf"), ls), axis=0))
+        offset = log2_alpha
+        if MASS:
+            offset = _guard_offset(idx_ptr + row_out + g * M * M, mass_ptr + (
+                (b * H + h0 + g) * M + i), best, has_nan, log2_alpha, mass_floor, i, n_tiles_a,
+                sink_blocks, window_lo, TJ, RUNGS, RP, LOG2_RATIO)
         # The reference's row max is NaN when any score is: then every block is kept.
-        thr = tl.where(has_nan != 0, float("-inf"), log2_alpha + best)
+        thr = tl.where(has_nan != 0, float("-inf"), offset + best)
         thr_vec = tl.where(gs == g, thr, thr_vec)
     # Other threads of this program read back what pass A wrote.
     tl.debug_barrier()
@@ -189,14 +234,16 @@ def _launch_config(block_size: int, head_dim_p2: int) -> dict:
 
 def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, alpha: float,
                    sink_blocks: int, window_blocks: int, last_dense_blocks: int, *,
-                   gqa_shared: bool = False, kmean: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   gqa_shared: bool = False, kmean: torch.Tensor | None = None,
+                   mass_floor: float = 0.0, return_mass: bool = False):
     """FlashPrefill block selection in FlexAttention's compact layout.
 
     q (B, H, S, D), k (B, Hkv, S, D), H % Hkv == 0, fp16/bf16/fp32, any strides.
     Returns kv_num_blocks (B, H, M) int32 and kv_indices (B, H, M, M) int32, each row ascending
     and 0 past the count: the same as ``pattern_search_reference``.
     kmean: optional precomputed ``block_means(k, block_size)`` (any float dtype; cast to q's).
+    mass_floor > 0: the mass guard (``guarded_choice``). return_mass: also return the estimated
+    kept mass per row (B, H, M) fp32.
     """
     check_kernel_dtype(q, "pattern_search")
     B, H, S, D = q.shape
@@ -214,12 +261,16 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
     group = G if gqa_shared else 1
     DP = max(16, triton.next_power_of_2(int(D)))
     log2_alpha = math.log2(alpha) if alpha > 0 else float("-inf")
-    wrap_triton(_pattern_search_kernel)[(M, B * (H // group))](
-        q, kmean, num, idx, *q.stride(), S, M, H, Hkv, G, float(scale) * LOG2E, log2_alpha,
-        sink_blocks, window_blocks, last_dense_blocks,
+    use_mass = mass_floor > 0 or return_mass
+    mass = torch.empty((B, H, M), dtype=torch.float32, device=q.device) if use_mass else num
+    launcher(_pattern_search_kernel)[(M, B * (H // group))](
+        q, kmean, num, idx, mass, *q.stride(), S, M, H, Hkv, G, float(scale) * LOG2E,
+        log2_alpha, float(mass_floor), sink_blocks, window_blocks, last_dense_blocks,
         BLOCK=block_size, D=D, DP=DP, GROUP=group, GP=triton.next_power_of_2(group),
-        IEEE=q.dtype == torch.float32, **_launch_config(block_size, DP))
-    return num, idx
+        IEEE=q.dtype == torch.float32, MASS=use_mass, RUNGS=GUARD_RUNGS,
+        RP=triton.next_power_of_2(GUARD_RUNGS), LOG2_RATIO=math.log2(GUARD_RATIO),
+        **_launch_config(block_size, DP))
+    return (num, idx, mass) if return_mass else (num, idx)
 
 
 # ------------------------------------------------------------------------------ reference

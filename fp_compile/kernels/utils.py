@@ -21,6 +21,22 @@ CHUNK_BYTES = 256 * 1024 * 1024
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def launcher(kernel):
+    """``kernel`` ready to launch as ``launcher(kernel)[grid](...)``.
+
+    While torch.compile, export or make_fx trace the call, ``torch.library.wrap_triton`` makes
+    the launch visible to them (Inductor writes the kernel into its code). Called eagerly (the
+    opaque op, the eager API), the kernel is launched as it is: wrap_triton's eager dispatch
+    costs host time that shows on the GPU wherever the host has just waited for it (the dense
+    fallback's decision: +0.43 ms at 32K and +0.88 ms at 128K on the H200, RESULTS.md run 15).
+    """
+    from torch.library import wrap_triton
+
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return wrap_triton(kernel)
+    return kernel
+
+
 def interpreting() -> bool:
     """Whether Triton runs in its CPU interpreter (TRITON_INTERPRET=1, read at triton import)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

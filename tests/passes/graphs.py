@@ -7,7 +7,7 @@ from fp_compile.ops import OP_CONFIG_FIELDS
 from fp_compile.passes.fx_utils import is_sdpa_node
 
 # alpha 0 keeps every causal block: the op equals dense attention up to rounding
-EXACT = FlashPrefillConfig(alpha=0.0, block_size=16, min_seq_len=0)
+EXACT = FlashPrefillConfig.paper_rule(alpha=0.0, block_size=16, min_seq_len=0)
 OP = torch.ops.fp_compile.flash_prefill.default
 ALPHA = 4 + OP_CONFIG_FIELDS.index("alpha")     # position of alpha in the op's arguments
 

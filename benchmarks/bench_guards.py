@@ -1,0 +1,162 @@
+"""The guards on the H200: the op vs cuDNN on inputs with and without attention structure.
+
+Grid: ``planted_qkv`` at strengths 0, 0.25, 0.5, 0.75, 1, 1.5, 2 and random q/k at logit scales
+1 and 3 (q, k ~ N(0, 1), q times the scale, so that scale * q.k / sqrt(D) has that std), at
+each length. Per cell: cuDNN time, and for ``paper_rule()`` and the default config the op's
+time, density, kv groups run dense and relative L2 error of the output vs cuDNN's (same run,
+poisoned output memory). Times are GPU time of calls queued behind a sleep kernel (CUDA events,
+median); the op's host decision (one small device-to-host copy) is inside the timed calls.
+
+    python benchmarks/bench_guards.py --out results/ [--seq-lens 8192,32768,131072]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import fp_compile  # noqa: E402
+from fp_compile import FlashPrefillConfig, flash_prefill  # noqa: E402
+from fp_compile.demo.bench import cuda_time, poison_allocator, rel_err  # noqa: E402
+from fp_compile.demo.synthetic import planted_qkv  # noqa: E402
+
+STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+SIGMAS = (1.0, 3.0)
+
+
+def inputs(kind: str, value: float, S: int, args, dtype):
+    B, H, Hkv, D = 1, args.heads, args.kv_heads, args.head_dim
+    if kind == "planted":
+        return planted_qkv(B, H, Hkv, S, D, seed=args.seed, strength=value, dtype=dtype,
+                           device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(args.seed)
+    q = torch.randn(B, H, S, D, generator=g, device="cuda") * value
+    k = torch.randn(B, Hkv, S, D, generator=g, device="cuda")
+    v = torch.randn(B, Hkv, S, D, generator=g, device="cuda")
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def cudnn(q, k, v):
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, False, 0.0, True, False, scale=q.shape[-1] ** -0.5)[0]
+
+
+def measure(q, k, v, cfg: FlashPrefillConfig, dense_out, reps: int) -> dict:
+    fp_compile.reset_stats()
+    poison_allocator(q)
+    out = flash_prefill(q, k, v, enable_gqa=True, config=cfg.replace(collect_stats=True))
+    (row,) = fp_compile.stats().rows
+    res = {"finite": bool(out.isfinite().all()), "err": rel_err(out, dense_out),
+           "density": row.density, "dense_heads": row.n_dense_heads,
+           "min_mass": row.min_mass}
+    del out
+    res["ms"], res["spread"] = cuda_time(
+        lambda: flash_prefill(q, k, v, enable_gqa=True, config=cfg), reps)
+    return res
+
+
+def attribute(S: int, args, dtype, default: FlashPrefillConfig) -> dict:
+    """Where the default config's time goes against the paper's rule, on planted strength 1."""
+    from fp_compile.kernels.pattern_search import pattern_search
+
+    q, k, v = inputs("planted", 1.0, S, args, dtype)
+    reps = max(3, min(args.reps, int(4e5 / S)))
+    cfg = default
+    sargs = (q, k, q.shape[-1] ** -0.5, cfg.block_size, cfg.alpha, cfg.sink_blocks,
+             cfg.window_blocks, cfg.last_dense_blocks)
+    row = {"S": S, "input": "planted 1"}
+    row["search_paper_ms"], _ = cuda_time(lambda: pattern_search(*sargs), reps)
+    row["search_mass_ms"], _ = cuda_time(
+        lambda: pattern_search(*sargs, mass_floor=cfg.mass_floor), reps)
+    for name, c in (("op_paper", FlashPrefillConfig.paper_rule(alpha=cfg.alpha)),
+                    ("op_guard_no_host_decision", cfg.replace(dense_above=1.0)),
+                    ("op_default", cfg)):
+        row[f"{name}_ms"], _ = cuda_time(
+            lambda c=c: flash_prefill(q, k, v, enable_gqa=True, config=c.replace(min_seq_len=0)),
+            reps)
+    return row
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-lens", default="8192,32768,131072")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--config", default="{}", help="FlashPrefillConfig fields (JSON) of 'default'")
+    p.add_argument("--floors", default="",
+                   help="also the default config with each of these mass_floor values")
+    p.add_argument("--cells", default="", help="only these inputs, e.g. 'planted 1,random 3'")
+    p.add_argument("--attribution", default="",
+                   help="lengths at which to split the default's cost on 'planted 1': the "
+                        "search with and without the mass pass, the op with and without the "
+                        "dense fallback's host decision")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_out")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    dtype = torch.bfloat16
+    default = FlashPrefillConfig(**json.loads(args.config))
+    paper = FlashPrefillConfig.paper_rule(alpha=default.alpha)
+    configs = {"paper": paper, "default": default}
+    for floor in filter(None, args.floors.split(",")):
+        configs[f"floor{floor}"] = default.replace(mass_floor=float(floor))
+    cells = [("planted", s) for s in STRENGTHS] + [("random", s) for s in SIGMAS]
+    if args.cells:
+        wanted = {c.strip() for c in args.cells.split(",")}
+        cells = [(kind, v) for kind, v in cells if f"{kind} {v:g}" in wanted]
+    rows = []
+    for S in [int(s) for s in args.seq_lens.split(",")]:
+        reps = max(3, min(args.reps, int(4e5 / S)))
+        for kind, value in cells:
+            q, k, v = inputs(kind, value, S, args, dtype)
+            dense_out = cudnn(q, k, v)
+            row = {"S": S, "input": f"{kind} {value:g}", "reps": reps}
+            # cuDNN timed before and after the op's configs (the clock drifts between cells:
+            # 12.6-14.8 ms at 32K in run 13); the mean of the two medians is the baseline
+            before, _ = cuda_time(lambda: cudnn(q, k, v), reps)
+            for name, cfg in configs.items():
+                for key, val in measure(q, k, v, cfg, dense_out, reps).items():
+                    row[f"{name}_{key}"] = val
+            after, _ = cuda_time(lambda: cudnn(q, k, v), reps)
+            row["cudnn_ms"], row["cudnn_before_ms"], row["cudnn_after_ms"] = (
+                (before + after) / 2, before, after)
+            for name in configs:
+                row[f"{name}_x"] = row["cudnn_ms"] / row[f"{name}_ms"]
+            rows.append(row)
+            line = f"{S:>7} {row['input']:>12} cudnn {row['cudnn_ms']:8.2f}"
+            for name in configs:
+                line += (f" | {name} {row[name + '_ms']:7.2f} {row[name + '_x']:5.2f}x"
+                         f" d {row[name + '_density']:.3f} dh {row[name + '_dense_heads']:>2}"
+                         f" err {row[name + '_err']:.3f}"
+                         + ("" if row[name + "_finite"] else " NONFINITE"))
+            print(line, flush=True)
+            del q, k, v, dense_out
+            torch.cuda.empty_cache()
+    attribution = []
+    for S in [int(s) for s in args.attribution.split(",") if s]:
+        attribution.append(attribute(S, args, dtype, default))
+        print(json.dumps(attribution[-1]), flush=True)
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "argv": sys.argv[1:],
+            "default_config": {k: getattr(default, k) for k in ("alpha", "mass_floor",
+                                                                "dense_above", "min_seq_len")}}
+    with open(os.path.join(args.out, "bench_guards.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows, "attribution": attribution}, f, indent=1)
+    for name in configs:
+        worst = min(r[f"{name}_x"] for r in rows)
+        worst_err = max(r[f"{name}_err"] for r in rows)
+        print(f"{name}: worst x cuDNN {worst:.3f}, worst rel err {worst_err:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The dispatch layer's guards: dense attention where sparsity does not pay, and the mass guard
+fixing what the paper's rule drops, against dense SDPA and the plain-torch reference."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fp_compile
+from fp_compile import FlashPrefillConfig, dispatch, flash_prefill
+from fp_compile.accuracy import rel_l2
+from fp_compile.demo.synthetic import planted_qkv
+from tests.helpers import assert_close
+
+SMALL = dict(block_size=32, min_seq_len=0, kernel="reference", collect_stats=True)
+
+
+@pytest.fixture(autouse=True)
+def clean_stats():
+    fp_compile.reset_stats()
+    yield
+    fp_compile.reset_stats()
+
+
+def random_qkv(H=4, Hkv=2, S=512, D=32, sigma=1.0, seed=0):
+    """Structure-less attention: q, k ~ N(0, 1) with logits of std ``sigma``."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, H, S, D, generator=g) * sigma
+    k, v = torch.randn(2, 1, Hkv, S, D, generator=g)
+    return q, k, v
+
+
+@pytest.mark.parametrize("sigma", [1.0, 3.0])
+def test_structureless_input_takes_the_dense_path_and_equals_sdpa(sigma):
+    q, k, v = random_qkv(sigma=sigma)
+    out = flash_prefill(q, k, v, enable_gqa=True, config=FlashPrefillConfig(**SMALL))
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.equal(out, want)
+    (row,) = fp_compile.stats().rows
+    assert row.dense_heads == (True,) * 4 and row.density > 0.6
+    # the paper's rule keeps its blocks and computes them block-sparse: close, not identical
+    paper = flash_prefill(q, k, v, enable_gqa=True,
+                          config=FlashPrefillConfig.paper_rule(**SMALL))
+    assert fp_compile.stats().rows[-1].dense_heads == ()
+    assert not torch.equal(paper, want)
+
+
+def test_mixed_groups_run_dense_only_where_density_is_high():
+    # kv group 0 structure-less (dense), group 1 strongly structured (sparse)
+    qs, ks, vs = planted_qkv(1, 2, 1, 1024, 32, seed=2, strength=2.0)
+    qr, kr, vr = random_qkv(H=2, Hkv=1, S=1024, seed=3)
+    q, k, v = torch.cat([qr, qs], 1), torch.cat([kr, ks], 1), torch.cat([vr, vs], 1)
+    config = FlashPrefillConfig(**SMALL, dense_above=0.9)
+    out = flash_prefill(q, k, v, enable_gqa=True, config=config)
+    (row,) = fp_compile.stats().rows
+    assert row.dense_heads == (True, True, False, False), row
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.equal(out[:, :2], dense[:, :2])
+    assert not torch.equal(out[:, 2:], dense[:, 2:])
+    assert_close(out, dispatch.reference(q, k, v, None, config), 1e-6, 1e-6)
+
+
+def test_mass_guard_holds_the_error_where_the_paper_rule_drops_a_diffuse_tail():
+    q, k, v = planted_qkv(1, 4, 2, 4096, 32, seed=0, strength=0.75)
+    dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    # the guard alone (no dense fallback), at a floor this short prompt needs
+    cfg = dict(SMALL, block_size=64)
+    paper = flash_prefill(q, k, v, enable_gqa=True,
+                          config=FlashPrefillConfig.paper_rule(**cfg))
+    guarded = flash_prefill(q, k, v, enable_gqa=True,
+                            config=FlashPrefillConfig(**cfg, dense_above=1.0, mass_floor=0.95))
+    paper_row, guard_row = fp_compile.stats().rows
+    err_paper, err_guard = rel_l2(paper, dense), rel_l2(guarded, dense)
+    assert err_guard < 0.5 * err_paper, (err_paper, err_guard)
+    assert guard_row.min_mass >= 0.95 - 1e-5
+    assert guard_row.density > paper_row.density
+
+
+def test_stats_table_reports_mass_and_dense_heads():
+    q, k, v = random_qkv()
+    flash_prefill(q, k, v, enable_gqa=True, config=FlashPrefillConfig(**SMALL))
+    text = str(fp_compile.stats())
+    assert "min mass" in text and "dense h" in text
+    assert "1.00*" in text                      # a head that ran dense is starred
+    row = fp_compile.stats().as_dicts()[0]
+    assert row["dense_heads"] == [True] * 4 and len(row["head_mass"]) == 4
+
+
+def test_paper_rule_turns_every_guard_off():
+    paper = FlashPrefillConfig.paper_rule()
+    assert paper.mass_floor == 0.0 and paper.dense_above == 1.0
+    defaults = FlashPrefillConfig()
+    assert defaults.mass_floor > 0 and defaults.dense_above < 1
+
+
+def test_select_blocks_reports_the_kept_mass():
+    q, k, _ = planted_qkv(1, 2, 1, 512, 32, seed=1)
+    sel = fp_compile.select_blocks(q, k, config=FlashPrefillConfig(block_size=32))
+    assert sel.kept_mass.shape == (1, 2, 16)
+    assert (sel.kept_mass >= FlashPrefillConfig().mass_floor - 1e-5).all()
+    assert math.isclose(float(sel.kept_mass[..., -2:].min()), 1.0)   # dense rows
