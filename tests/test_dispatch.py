@@ -100,3 +100,17 @@ def test_select_blocks_reports_the_kept_mass():
     assert sel.kept_mass.shape == (1, 2, 16)
     assert (sel.kept_mass >= FlashPrefillConfig().mass_floor - 1e-5).all()
     assert math.isclose(float(sel.kept_mass[..., -2:].min()), 1.0)   # dense rows
+
+
+def test_explain_reports_mass_and_dense_heads_per_layer():
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    q, k, v = random_qkv()
+    with torch.no_grad():
+        report = fp_compile.explain(Attention(), q, k, v,
+                                    config=FlashPrefillConfig(block_size=32, min_seq_len=0))
+    (row,) = report.stats.rows
+    assert row.layer == 0 and row.dense_heads == (True,) * 4 and len(row.head_mass) == 4
+    assert "min mass" in str(report) and "1.00*" in str(report)

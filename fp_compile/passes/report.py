@@ -31,6 +31,8 @@ class RewriteReport:
     rewritten: list[Rewritten] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     graphs: int = 1
+    # What the rewritten calls did when run (``explain`` fills it): a stats table, or None.
+    stats: object = None
 
     @classmethod
     def merge(cls, reports: list["RewriteReport"]) -> "RewriteReport":
@@ -62,4 +64,7 @@ class RewriteReport:
 
     def __str__(self) -> str:
         head = self.summary()
-        return head if not (self.rewritten or self.skipped) else head + "\n" + self.table()
+        text = head if not (self.rewritten or self.skipped) else head + "\n" + self.table()
+        if self.stats is not None and len(self.stats):
+            text += "\n\nwhat the rewritten calls did in this run:\n" + str(self.stats)
+        return text
