@@ -8,7 +8,8 @@ here, so a call's route is ops -> dispatch -> kernels and the config travels as 
 * ``select(q, k, scale, config)``: the selection alone, compact, with the mass guard
   (``select_blocks`` and stats use it);
 * ``attend(...)``: the attention over a selection, dense for the kv groups whose density is
-  above ``config.dense_above`` (a host decision, skipped during CUDA-graph capture);
+  above ``config.dense_above`` (the host reads the groups' flags while the block-sparse kernel
+  runs; skipped during CUDA-graph capture);
 * ``dense(q, k, v, scale)``: the dense causal path (cuDNN on Hopper);
 * ``observe(fn)``: a context in which every ``run`` reports (layer, q, k, scale, config) to
   ``fn`` before computing (``calibrate`` sees the same calls, numbered the same way, as the
@@ -160,26 +161,35 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """Attention over the selection, dense for the kv groups where sparsity does not pay.
 
     Returns (out, dense (B, Hkv) bool on the host, or None when the decision was not taken).
-    The decision is taken on the host: one (B, Hkv) device-to-host copy after the search, so
-    the host waits for the search to finish before it launches the attention. It is skipped
-    while a CUDA graph is being captured (a capture cannot read device values): then every
-    group runs block-sparse, exact but slower than dense where the density is high.
+    The groups are flagged on the device (more than ``MOSTLY_DENSE`` of them: all), the
+    block-sparse kernel is launched at once with the flagged groups' rows emptied (it skips
+    them), and only then does the host wait for the (B, Hkv) flags, copied asynchronously right
+    after the search: the GPU runs the attention while the host waits, then the host launches
+    dense attention for the flagged groups. Skipped while a CUDA graph is being captured (a
+    capture cannot read device values): then every group runs block-sparse, exact but slower
+    than dense where the density is high.
     """
     if config.dense_above >= 1 or _capturing(q):
         return sparse(q, k, v, scale, config, sel.num, sel.idx, kmean, vmean), None
     Hkv = k.shape[1]
-    flags = dense_groups(sel.num, Hkv, config.dense_above).cpu()
-    # Mostly dense: one dense call beats a sparse call plus dense calls on the rest.
-    if float(flags.float().mean()) > MOSTLY_DENSE:
-        return dense(q, k, v, scale), flags.fill_(True)
-    if not bool(flags.any()):
-        return sparse(q, k, v, scale, config, sel.num, sel.idx, kmean, vmean), flags
-    # Mixed: the sparse kernel skips the dense groups' rows (no kept block: nothing loaded),
-    # then dense attention over each run of consecutive dense groups overwrites them.
     G = q.shape[1] // Hkv
-    heads = flags.to(q.device).repeat_interleave(G, dim=1)          # (B, H)
+    flags_dev = dense_groups(sel.num, Hkv, config.dense_above)
+    # Mostly dense: one dense call beats a sparse call plus dense calls on the rest.
+    flags_dev = flags_dev | (flags_dev.float().mean() > MOSTLY_DENSE)
+    if q.device.type == "cuda":
+        flags = torch.empty(flags_dev.shape, dtype=torch.bool, pin_memory=True)
+        flags.copy_(flags_dev, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    else:
+        flags, ready = flags_dev, None
+    heads = flags_dev.repeat_interleave(G, dim=1)                    # (B, H)
     out = sparse(q, k, v, scale, config, sel.num.masked_fill(heads[..., None], 0), sel.idx,
                  kmean, vmean)
+    if ready is not None:
+        ready.synchronize()
+    if bool(flags.all()):
+        return dense(q, k, v, scale), flags
     for b, g0, g1 in _runs(flags):
         h0, h1 = g0 * G, g1 * G
         out[b:b + 1, h0:h1] = dense(q[b:b + 1, h0:h1], k[b:b + 1, g0:g1], v[b:b + 1, g0:g1],
