@@ -31,7 +31,7 @@ def prompt(batch, length, seed=1):
                          generator=torch.Generator().manual_seed(seed))
 
 
-pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("fresh_dynamo")]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
@@ -39,7 +39,8 @@ def test_every_layer_rewritten_in_prefill(family):
     model = tiny(family)
     with torch.no_grad():
         report = fp_compile.explain(model, prompt(1, 100), config=FlashPrefillConfig(**EXACT))
-    assert len(report.rewritten) == TINY.n_layers, report
+    # numbered by the model's layer index (model.layers.<i>.self_attn)
+    assert [r.layer for r in report.rewritten] == list(range(TINY.n_layers)), report
     assert not report.skipped, report
 
 
