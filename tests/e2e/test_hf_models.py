@@ -53,8 +53,8 @@ def test_padded_batch_stays_dense_with_reason():
         report = fp_compile.explain(model, ids, attention_mask=mask,
                                     config=FlashPrefillConfig(**EXACT))
     assert not report.rewritten, report
-    assert len(report.skipped) == TINY.n_layers
-    assert "mask" in str(report.skipped).lower(), report
+    assert [(s.layer, s.reason) for s in report.skipped] == [
+        (layer, "attn_mask given") for layer in range(TINY.n_layers)], report
 
 
 def test_compiled_module_matches_eager_logits():
@@ -118,7 +118,8 @@ def test_causal_mask_in_graph_dynamic_lengths_one_graph(causal_mask_in_graph):
             assert_close(compiled(ids).logits, model(ids).logits, 1e-4, 1e-4, f"S={length}")
     report = last_report()
     assert len(report.rewritten) == TINY.n_layers and not report.skipped, report
-    assert "s" in str(report.rewritten[0].q_shape[2]), "the length must stay symbolic"
+    length = report.rewritten[0].q_shape[2]
+    assert isinstance(length, str) and length.startswith("s"), "the length must stay symbolic"
     assert counters["stats"]["unique_graphs"] == 1
 
 
