@@ -1,19 +1,13 @@
-"""``python -m fp_compile``: the commands run in-process through ``fp_compile.cli.main``; one
-subprocess test checks the entry point itself (``__main__`` and the installed bench module)."""
+"""``python -m fp_compile``: argument handling, usage errors, -v and explain, in-process through
+``fp_compile.cli.main``. The demo's whole-model runs (tests/e2e/test_demo.py) and the entry point
+as a subprocess (tests/e2e/test_entry_points.py) are end-to-end tests."""
 
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from fp_compile.cli import main
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def exit_code(argv):
     with pytest.raises(SystemExit) as exc:
@@ -84,39 +78,3 @@ def test_explain_prefill_and_decode(capsys, fresh_dynamo):
     decode = capsys.readouterr().out
     assert "rewritten 1, left dense 1" in prefill     # layer 1 kept dense by --dense-layers
     assert "rewritten 0, left dense 2" in decode      # q_len 1 against a masked KV cache
-
-
-def test_demo_tiny_builtin_model(tmp_path, capsys, fresh_dynamo):
-    pytest.importorskip("matplotlib")
-    png = tmp_path / "mask.png"
-    main(["demo", "--model", "builtin", "--seq-len", "512", "--layers", "2", "--hidden", "64",
-          "--heads", "4", "--kv-heads", "2", "--intermediate", "128", "--vocab", "128",
-          "--block-size", "32", "--reps", "1", "--dense", "eager", "--no-progress",
-          "--plot", str(png)])
-    out = capsys.readouterr().out
-    assert "rewritten: 2 SDPA call(s); left dense: 0" in out
-    assert "layer 0:" in out and "layer 1:" in out
-    assert "error vs dense" in out and "prefill time" in out
-    assert png.stat().st_size > 1000
-
-
-def test_demo_hf_model_with_dense_layer(capsys, fresh_dynamo):
-    pytest.importorskip("transformers")
-    main(["demo", "--model", "hf", "--seq-len", "256", "--layers", "2", "--hidden", "64",
-          "--heads", "4", "--kv-heads", "2", "--intermediate", "128", "--vocab", "128",
-          "--block-size", "16", "--reps", "1", "--dense", "eager", "--dense-layers", "0",
-          "--no-progress"])
-    out = capsys.readouterr().out
-    assert "Hugging Face LlamaForCausalLM" in out
-    assert "rewritten: 1 SDPA call(s); left dense: 1" in out
-    assert "layer 1:" in out and "layer 0:" not in out
-
-
-def test_entry_point_reaches_the_benchmark():
-    """The one subprocess test: ``python -m fp_compile`` and bench as an imported module (it used
-    to be loaded from ../benchmarks by file path, absent from an installed package)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "fp_compile", "bench", "--help"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "usage: python -m fp_compile bench" in proc.stdout and "--seq-lens" in proc.stdout
