@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 _KERNELS = ("auto", "triton", "reference")
 
@@ -110,18 +110,8 @@ class FlashPrefillConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"FlashPrefillConfig.{name} must be a bool")
         # Accept lists / dicts from users (and torch.compile options) but store hashable tuples.
-        dense = tuple(self.dense_layers)
-        for layer in dense:
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise ValueError(f"FlashPrefillConfig.dense_layers entries must be ints >= 0, got {layer!r}")
-        object.__setattr__(self, "dense_layers", dense)
-        pairs = self.layer_alpha.items() if isinstance(self.layer_alpha, Mapping) else self.layer_alpha
-        layer_alpha = tuple((int(layer), float(a)) for layer, a in pairs)
-        for layer, a in layer_alpha:
-            if layer < 0:
-                raise ValueError(f"FlashPrefillConfig.layer_alpha layer must be >= 0, got {layer}")
-            _check_alpha("layer_alpha", a)
-        object.__setattr__(self, "layer_alpha", layer_alpha)
+        object.__setattr__(self, "dense_layers", _layers(self.dense_layers))
+        object.__setattr__(self, "layer_alpha", _layer_alphas(self.layer_alpha))
 
     @classmethod
     def paper_rule(cls, **overrides: Any) -> "FlashPrefillConfig":
@@ -153,6 +143,45 @@ class FlashPrefillConfig:
             if index == layer:
                 return self.replace(alpha=a)
         return self
+
+
+def _is_layer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _layers(value: Any) -> tuple[int, ...]:
+    """dense_layers as a tuple of layer numbers (ints >= 0)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError("FlashPrefillConfig.dense_layers must be a sequence of layer numbers, "
+                         f"got {value!r}")
+    layers = tuple(value)
+    for layer in layers:
+        if not _is_layer(layer):
+            raise ValueError(f"FlashPrefillConfig.dense_layers entries must be ints >= 0, got "
+                             f"{layer!r}")
+    return layers
+
+
+def _layer_alphas(value: Any) -> tuple[tuple[int, float], ...]:
+    """layer_alpha ({layer: alpha} or ((layer, alpha), ...)) as a tuple of pairs."""
+    if isinstance(value, Mapping):
+        value = value.items()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError("FlashPrefillConfig.layer_alpha must be a mapping or a sequence of "
+                         f"(layer, alpha) pairs, got {value!r}")
+    pairs = []
+    for pair in value:
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Iterable) or len(
+                tuple(pair)) != 2:
+            raise ValueError(f"FlashPrefillConfig.layer_alpha entries must be (layer, alpha) "
+                             f"pairs, got {pair!r}")
+        layer, a = tuple(pair)
+        if not _is_layer(layer):
+            raise ValueError(f"FlashPrefillConfig.layer_alpha layer must be an int >= 0, got "
+                             f"{layer!r}")
+        _check_alpha("layer_alpha", a)
+        pairs.append((layer, float(a)))
+    return tuple(pairs)
 
 
 def _check_alpha(name: str, value: Any) -> None:
