@@ -36,9 +36,9 @@ class FlashPrefillConfig:
         window_blocks: key blocks ending at the diagonal (diagonal included) always kept (>= 1).
         last_dense_blocks: the last query blocks that keep every causal key block.
         min_seq_len: below this sequence length the op runs dense SDPA (cuDNN on Hopper). On
-            an H200 (benchmarks/RESULTS.md, run 16) the guards' host decision and the search
-            cost about 0.2 ms, 23% of cuDNN's 0.88 ms at 8K tokens, so structure-less prompts
-            there ran at 0.82x cuDNN: below 16K tokens the op does not try.
+            an H200 (benchmarks/RESULTS.md, runs 16-17) the search and the guards' decision cost
+            0.17-0.24 ms of cuDNN's 0.89 ms at 8K tokens, so structure-less prompts there ran at
+            0.77-0.85x cuDNN: below 16K tokens the op does not try.
         kernel: "auto" (Triton on CUDA, reference elsewhere), "triton" or "reference".
         mean_correction: FlashPrefill V2's zero-order correction: each skipped key block fully
             before the query block enters the softmax as one pseudo-token.
