@@ -25,6 +25,7 @@ Layouts: q (B, H, S, D); k, v (B, Hkv, S, D), H % Hkv == 0; out (B, H, S, D).
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Callable, Iterator, NamedTuple, Optional
 
 import torch
@@ -122,6 +123,11 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
             and torch.cuda.get_device_capability(q.device) >= (9, 0)):
         return torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, False, 0.0, True, False, scale=scale)[0]
+    return _sdpa_causal(q, k, v, scale)
+
+
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain causal SDPA, GQA k/v as they are (SDPA's own backend choice)."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
 
@@ -148,11 +154,14 @@ def _capturing(q: torch.Tensor) -> bool:
 
 
 def dense_groups(num: torch.Tensor, num_kv_heads: int, dense_above: float) -> torch.Tensor:
-    """(B, Hkv) bool: kv groups whose kept density (mean over their query heads) is above
-    ``dense_above``, from kv_num_blocks (B, H, M)."""
+    """(B, Hkv) bool, on num's device: the kv groups that run dense, from kv_num_blocks
+    (B, H, M): those whose kept density (mean over their query heads) is above
+    ``dense_above``, or every group when more than ``MOSTLY_DENSE`` of them are."""
     B, H, M = num.shape
     kept = num.to(torch.float32).sum(dim=-1).view(B, num_kv_heads, H // num_kv_heads).mean(-1)
-    return kept > dense_above * ku.causal_blocks(M)
+    flags = kept > dense_above * ku.causal_blocks(M)
+    # Mostly dense: one dense call beats a sparse call plus dense calls on the rest.
+    return flags | (flags.float().mean() > MOSTLY_DENSE)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -161,7 +170,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     """Attention over the selection, dense for the kv groups where sparsity does not pay.
 
     Returns (out, dense (B, Hkv) bool on the host, or None when the decision was not taken).
-    The groups are flagged on the device (more than ``MOSTLY_DENSE`` of them: all), the
+    The groups are flagged on the device (``dense_groups``), the
     block-sparse kernel is launched at once with the flagged groups' rows emptied (it skips
     them), and only then does the host wait for the (B, Hkv) flags, copied asynchronously right
     after the search: the GPU runs the attention while the host waits, then the host launches
@@ -174,8 +183,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     Hkv = k.shape[1]
     G = q.shape[1] // Hkv
     flags_dev = dense_groups(sel.num, Hkv, config.dense_above)
-    # Mostly dense: one dense call beats a sparse call plus dense calls on the rest.
-    flags_dev = flags_dev | (flags_dev.float().mean() > MOSTLY_DENSE)
     if q.device.type == "cuda":
         flags = torch.empty(flags_dev.shape, dtype=torch.bool, pin_memory=True)
         flags.copy_(flags_dev, non_blocking=True)
@@ -200,15 +207,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 def _runs(flags: torch.Tensor):
     """(b, g0, g1) for each run of consecutive True entries g0..g1-1 of row b of flags (B, n)."""
     for b, row in enumerate(flags.tolist()):
-        g = 0
-        while g < len(row):
-            if row[g]:
-                g1 = g
-                while g1 < len(row) and row[g1]:
-                    g1 += 1
-                yield b, g, g1
-                g = g1
-            g += 1
+        g0 = 0
+        for is_dense, run_ in itertools.groupby(row):
+            g1 = g0 + len(list(run_))
+            if is_dense:
+                yield b, g0, g1
+            g0 = g1
 
 
 def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
@@ -245,17 +249,13 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     attention, and exact attention for the kv groups above ``dense_above``."""
     scale = ku.default_scale(q.shape[-1], scale)
     if q.shape[2] < config.min_seq_len:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                              enable_gqa=q.shape[1] != k.shape[1])
+        return _sdpa_causal(q, k, v, scale)
     num, idx = ku.compact_mask(select_mask(q, k, scale, config))
     flags = dense_groups(num, k.shape[1], config.dense_above)
-    if float(flags.float().mean()) > MOSTLY_DENSE:
-        flags = torch.ones_like(flags)
     out = block_sparse_attention_reference(q, k, v, num, idx, scale, config.block_size,
                                            config.mean_correction)
     if bool(flags.any()):
-        exact = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                               enable_gqa=q.shape[1] != k.shape[1])
+        exact = _sdpa_causal(q, k, v, scale)
         heads = flags.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         out = torch.where(heads[:, :, None, None], exact, out)
     return out
