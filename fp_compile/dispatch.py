@@ -7,9 +7,11 @@ here, so a call's route is ops -> dispatch -> kernels and the config travels as 
   selection and block-sparse attention), on concrete or traced tensors;
 * ``select(q, k, scale, config)``: the selection alone, compact, with the mass guard
   (``select_blocks`` and stats use it);
-* ``attend(...)``: the attention over a selection, dense for the kv groups whose density is
-  above ``config.dense_above`` (the host reads the groups' flags while the block-sparse kernel
-  runs; skipped during CUDA-graph capture);
+* ``probe(...)``: the dense decision, per kv group, from the selection of about
+  ``PROBE_ROWS`` evenly spaced query blocks (read on the host; skipped during CUDA-graph
+  capture), taken before the full search so a call that runs dense does not pay for it;
+* ``sparse_chunks(...)``: select and attend a chunk of query blocks at a time, so the index
+  memory stays within ``INDEX_BYTES`` whatever the length;
 * ``dense(q, k, v, scale)``: the dense causal path (cuDNN on Hopper);
 * ``observe(fn)``: a context in which every ``run`` reports (layer, q, k, scale, config) to
   ``fn`` before computing (``calibrate`` sees the same calls, numbered the same way, as the
@@ -134,74 +136,134 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 
 def sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            config: FlashPrefillConfig, num: torch.Tensor, idx: torch.Tensor,
-           kmean: torch.Tensor | None = None, vmean: torch.Tensor | None = None
-           ) -> torch.Tensor:
-    """Block-sparse attention over the selection (num, idx)."""
+           kmean: torch.Tensor | None = None, vmean: torch.Tensor | None = None, *,
+           out: torch.Tensor | None = None, q_start: int = 0) -> torch.Tensor:
+    """Block-sparse attention over the selection (num, idx); ``q_start``: q holds the queries
+    from that position on (num / idx their rows), as for ``block_sparse_attention``."""
     if not use_triton(q, config.kernel):
         return block_sparse_attention_reference(q, k, v, num, idx, scale, config.block_size,
-                                                config.mean_correction)
+                                                config.mean_correction, q_start=q_start)
     from .kernels.block_sparse_attention import block_sparse_attention, capture_tile
 
     # No autotuning while a CUDA graph is captured (it would run and time candidates there)
     tile = capture_tile(q, config.block_size) if _capturing(q) else None
     return block_sparse_attention(q, k, v, num, idx, scale, config.block_size,
                                   mean_correction=config.mean_correction, kmean=kmean,
-                                  vmean=vmean, tile=tile)
+                                  vmean=vmean, tile=tile, out=out, q_start=q_start)
 
 
 def _capturing(q: torch.Tensor) -> bool:
     return q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def dense_groups(num: torch.Tensor, num_kv_heads: int, dense_above: float) -> torch.Tensor:
-    """(B, Hkv) bool, on num's device: the kv groups that run dense, from kv_num_blocks
-    (B, H, M): those whose kept density (mean over their query heads) is above
-    ``dense_above``, or every group when more than ``MOSTLY_DENSE`` of them are."""
-    B, H, M = num.shape
+# The dense decision reads the selection of about this many query blocks, evenly spaced and
+# ending at the last (the probe): a search over them costs about PROBE_ROWS / M of the full one.
+PROBE_ROWS = 64
+
+# The selection's kv_indices is built and consumed this many bytes of rows at a time: a long
+# prompt is selected and attended a chunk of query blocks at a time, so the index memory
+# follows the chunk, not the (B, H, M, M) square (8.6 GB at 1M tokens, 32 heads, block 128).
+INDEX_BYTES = 256 * 2**20
+
+
+def probe_rows(M: int) -> tuple[int, int, int]:
+    """(start, step, n): the query blocks the dense decision reads, start + c * step for
+    c < n, the last one M - 1."""
+    step = max(1, M // PROBE_ROWS)
+    start = (M - 1) % step
+    return start, step, (M - 1 - start) // step + 1
+
+
+def chunk_rows(B: int, H: int, M: int) -> int:
+    """Query blocks per chunk of the selection: kv_indices of a chunk fits ``INDEX_BYTES``."""
+    return max(1, min(M, INDEX_BYTES // (B * H * M * 4)))
+
+
+def dense_groups(num: torch.Tensor, num_kv_heads: int, dense_above: float,
+                 rows: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """(B, Hkv) bool, on num's device: the kv groups that run dense.
+
+    num: kv_num_blocks (B, H, n) of the query blocks ``rows`` (start, step, n; all M blocks
+    when None). A group runs dense when its kept density over those rows (kept blocks over
+    causal blocks, all its query heads) is above ``dense_above``; every group does when more
+    than ``MOSTLY_DENSE`` of them would.
+    """
+    B, H, n = num.shape
+    start, step, _ = rows if rows is not None else (0, 1, n)
+    # causal blocks of the rows: sum over c of (start + c * step + 1)
+    causal = n * (start + 1) + step * n * (n - 1) // 2
     kept = num.to(torch.float32).sum(dim=-1).view(B, num_kv_heads, H // num_kv_heads).mean(-1)
-    flags = kept > dense_above * ku.causal_blocks(M)
+    flags = kept > dense_above * causal
     # Mostly dense: one dense call beats a sparse call plus dense calls on the rest.
     return flags | (flags.float().mean() > MOSTLY_DENSE)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-           config: FlashPrefillConfig, sel: Selection, kmean=None, vmean=None
-           ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Attention over the selection, dense for the kv groups where sparsity does not pay.
-
-    Returns (out, dense (B, Hkv) bool on the host, or None when the decision was not taken).
-    The groups are flagged on the device (``dense_groups``), the
-    block-sparse kernel is launched at once with the flagged groups' rows emptied (it skips
-    them), and only then does the host wait for the (B, Hkv) flags, copied asynchronously right
-    after the search: the GPU runs the attention while the host waits, then the host launches
-    dense attention for the flagged groups. Skipped while a CUDA graph is being captured (a
-    capture cannot read device values): then every group runs block-sparse, exact but slower
-    than dense where the density is high.
+def probe(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig,
+          kmean: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense decision, on the host: (B, Hkv) bool, from the selection of the probe rows
+    (``probe_rows``) with the Triton search. The host waits for it (a few flags, after a
+    search over PROBE_ROWS rows): the GPU idles only while the host launches what follows.
     """
-    if config.dense_above >= 1 or _capturing(q):
-        return sparse(q, k, v, scale, config, sel.num, sel.idx, kmean, vmean), None
-    Hkv = k.shape[1]
-    G = q.shape[1] // Hkv
-    flags_dev = dense_groups(sel.num, Hkv, config.dense_above)
-    if q.device.type == "cuda":
-        flags = torch.empty(flags_dev.shape, dtype=torch.bool, pin_memory=True)
-        flags.copy_(flags_dev, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-    else:
-        flags, ready = flags_dev, None
-    heads = flags_dev.repeat_interleave(G, dim=1)                    # (B, H)
-    out = sparse(q, k, v, scale, config, sel.num.masked_fill(heads[..., None], 0), sel.idx,
-                 kmean, vmean)
-    if ready is not None:
-        ready.synchronize()
-    if bool(flags.all()):
-        return dense(q, k, v, scale), flags
-    for b, g0, g1 in _runs(flags):
-        h0, h1 = g0 * G, g1 * G
-        out[b:b + 1, h0:h1] = dense(q[b:b + 1, h0:h1], k[b:b + 1, g0:g1], v[b:b + 1, g0:g1],
-                                    scale)
-    return out, flags
+    from .kernels.pattern_search import pattern_search
+
+    rows = probe_rows(cdiv_blocks(q, config))
+    num, _ = pattern_search(
+        q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
+        config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
+        mass_floor=config.mass_floor, rows=rows)
+    return dense_groups(num, k.shape[1], config.dense_above, rows).cpu()
+
+
+def cdiv_blocks(q: torch.Tensor, config: FlashPrefillConfig) -> int:
+    """M: the number of query (and key) blocks."""
+    return ku.cdiv(q.shape[2], config.block_size)
+
+
+def sparse_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  config: FlashPrefillConfig, kmean=None, vmean=None,
+                  skip_heads: torch.Tensor | None = None, attend: bool = True,
+                  with_mass: bool = False, sel: Optional[Selection] = None
+                  ) -> tuple[Optional[torch.Tensor], Selection]:
+    """Select and attend a chunk of query blocks at a time (``chunk_rows``) with the Triton
+    kernels. Returns (out or None when not ``attend``, Selection(num (B, H, M), idx of the last
+    chunk, mass or None)). skip_heads: (B, H) bool on the device, heads whose rows are emptied
+    (the kernel skips them; the caller runs them dense). sel: the whole selection, when the
+    caller has it already (it is then used as it is, in one chunk)."""
+    from .kernels.pattern_search import pattern_search
+
+    B, H, S, _ = q.shape
+    M = cdiv_blocks(q, config)
+    # The vertical/slash detector adds blocks to whole rows of the selection: one chunk.
+    step = M if config.vertical_slash or sel is not None else chunk_rows(B, H, M)
+    if step >= M:
+        if sel is None:
+            sel = select(q, k, scale, config, kmean=kmean, with_mass=with_mass)
+        num = sel.num if skip_heads is None else sel.num.masked_fill(skip_heads[..., None], 0)
+        out = sparse(q, k, v, scale, config, num, sel.idx, kmean, vmean) if attend else None
+        return out, sel
+    if kmean is None:
+        from .kernels.block_means import block_means
+
+        kmean = block_means(k, config.block_size, out_dtype=q.dtype)
+    out = torch.empty_like(q) if attend else None
+    nums, masses, idx = [], [], None
+    bs = config.block_size
+    for i0 in range(0, M, step):
+        n = min(step, M - i0)
+        num, idx, *mass = pattern_search(
+            q, k, scale, bs, config.alpha, config.sink_blocks, config.window_blocks,
+            config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
+            mass_floor=config.mass_floor, return_mass=with_mass, rows=(i0, 1, n))
+        nums.append(num)
+        masses += mass
+        if skip_heads is not None:
+            num = num.masked_fill(skip_heads[..., None], 0)
+        if attend:
+            r0, r1 = i0 * bs, min(S, (i0 + n) * bs)
+            sparse(q[:, :, r0:r1], k, v, scale, config, num, idx, kmean, vmean,
+                   out=out[:, :, r0:r1], q_start=r0)
+    return out, Selection(torch.cat(nums, dim=-1), idx,
+                          torch.cat(masses, dim=-1) if with_mass else None)
 
 
 def _runs(flags: torch.Tensor):
@@ -220,7 +282,12 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
     """The op: dense below ``config.min_seq_len``, else select + attention (block-sparse, or
     dense for the kv groups above ``config.dense_above``).
 
-    ``layer`` is the SDPA call's layer number (-1: unknown), for stats and observers.
+    The dense decision (``dense_above`` < 1) is taken first, from the probe rows' selection
+    (``probe``), so a call that runs dense pays a search over PROBE_ROWS rows, not the full
+    search. The host reads the flags, so it is skipped while a CUDA graph is being captured (a
+    capture cannot read device values): every group then runs block-sparse, exact but slower
+    than dense where the density is high. ``layer`` is the SDPA call's layer number (-1:
+    unknown), for stats and observers.
     """
     scale = ku.default_scale(q.shape[-1], scale)
     for fn in list(_observers):
@@ -229,16 +296,70 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
         if config.collect_stats:
             _record(layer, q, k, config, None, None)
         return dense(q, k, v, scale)
+    if not use_triton(q, config.kernel):
+        return _run_reference_kernels(q, k, v, scale, config, layer)
     kmean = vmean = None
-    if config.mean_correction and use_triton(q, config.kernel):
+    if config.mean_correction:
         from .kernels.block_means import block_means
 
         # One pass over K and V gives the block statistics of both stages.
         kmean, vmean = block_means(k, config.block_size, v)
-    sel = select(q, k, scale, config, kmean=kmean, with_mass=config.collect_stats)
-    out, flags = attend(q, k, v, scale, config, sel, kmean, vmean)
+    flags = skip = sel = None
+    if config.dense_above < 1 and not _capturing(q):
+        M = cdiv_blocks(q, config)
+        if config.vertical_slash or (probe_rows(M)[1] == 1
+                                     and chunk_rows(q.shape[0], q.shape[1], M) >= M):
+            # The whole selection first, in one chunk, when the probe would read every row
+            # anyway, or the vertical/slash blocks (added to whole rows) must count too.
+            sel = select(q, k, scale, config, kmean=kmean, with_mass=config.collect_stats)
+            rows = probe_rows(sel.num.shape[-1])
+            flags = dense_groups(sel.num[..., rows[0]::rows[1]], k.shape[1],
+                                 config.dense_above, rows).cpu()
+        else:
+            flags = probe(q, k, scale, config, kmean)
+        skip = flags.to(q.device).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    all_dense = flags is not None and bool(flags.all())
+    if all_dense and not config.collect_stats:
+        return dense(q, k, v, scale)
+    out, sel = sparse_chunks(q, k, v, scale, config, kmean, vmean, skip, attend=not all_dense,
+                             with_mass=config.collect_stats, sel=sel)
+    if flags is not None:
+        out = _dense_runs(q, k, v, scale, flags, out)
     if config.collect_stats:
         _record(layer, q, k, config, sel, flags)
+    return out
+
+
+def _dense_runs(q, k, v, scale, flags: torch.Tensor, out: Optional[torch.Tensor]):
+    """out with the flagged kv groups' heads replaced by dense attention (flags on the host)."""
+    if bool(flags.all()):
+        return dense(q, k, v, scale)
+    G = q.shape[1] // k.shape[1]
+    for b, g0, g1 in _runs(flags):
+        h0, h1 = g0 * G, g1 * G
+        out[b:b + 1, h0:h1] = dense(q[b:b + 1, h0:h1], k[b:b + 1, g0:g1], v[b:b + 1, g0:g1],
+                                    scale)
+    return out
+
+
+def _run_reference_kernels(q, k, v, scale, config: FlashPrefillConfig, layer: int):
+    """``run`` on the plain-torch references (non-CUDA devices, fp64, kernel="reference")."""
+    sel = select(q, k, scale, config, with_mass=config.collect_stats)
+    flags = None
+    if config.dense_above < 1:
+        rows = probe_rows(sel.num.shape[-1])
+        start, step, n = rows
+        flags = dense_groups(sel.num[..., start::step], k.shape[1], config.dense_above, rows)
+    skip = None if flags is None else flags.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    if skip is not None and bool(skip.all()):
+        out = None
+    else:
+        num = sel.num if skip is None else sel.num.masked_fill(skip[..., None], 0)
+        out = sparse(q, k, v, scale, config, num, sel.idx)
+    if flags is not None:
+        out = _dense_runs(q, k, v, scale, flags.cpu(), out)
+    if config.collect_stats:
+        _record(layer, q, k, config, sel, None if flags is None else flags.cpu())
     return out
 
 
@@ -246,12 +367,14 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
               config: FlashPrefillConfig) -> torch.Tensor:
     """The whole op in plain torch, whatever ``config.kernel`` says: what ``run`` must equal
     (outside CUDA-graph capture): dense below ``min_seq_len``; else the selection, block-sparse
-    attention, and exact attention for the kv groups above ``dense_above``."""
+    attention, and exact attention for the kv groups above ``dense_above`` (decided on the
+    probe rows, ``probe_rows``)."""
     scale = ku.default_scale(q.shape[-1], scale)
     if q.shape[2] < config.min_seq_len:
         return _sdpa_causal(q, k, v, scale)
     num, idx = ku.compact_mask(select_mask(q, k, scale, config))
-    flags = dense_groups(num, k.shape[1], config.dense_above)
+    rows = probe_rows(num.shape[-1])
+    flags = dense_groups(num[..., rows[0]::rows[1]], k.shape[1], config.dense_above, rows)
     out = block_sparse_attention_reference(q, k, v, num, idx, scale, config.block_size,
                                            config.mean_correction)
     if bool(flags.any()):

@@ -11,7 +11,7 @@ import fp_compile
 from fp_compile import FlashPrefillConfig, dispatch, flash_prefill
 from fp_compile.accuracy import rel_l2
 from fp_compile.demo.synthetic import planted_qkv
-from tests.helpers import assert_close
+from tests.helpers import assert_close, gpu
 
 SMALL = dict(block_size=32, min_seq_len=0, kernel="reference", collect_stats=True)
 
@@ -114,3 +114,93 @@ def test_explain_reports_mass_and_dense_heads_per_layer():
     (row,) = report.stats.rows
     assert row.layer == 0 and row.dense_heads == (True,) * 4 and len(row.head_mass) == 4
     assert "min mass" in str(report) and "1.00*" in str(report)
+
+
+@pytest.mark.parametrize("M", [1, 2, 63, 64, 65, 128, 1000, 8192])
+def test_probe_rows_are_evenly_spaced_and_end_at_the_last_block(M):
+    start, step, n = dispatch.probe_rows(M)
+    assert start + (n - 1) * step == M - 1 and 0 <= start < step
+    assert n == M if M < 2 * dispatch.PROBE_ROWS else dispatch.PROBE_ROWS <= n < 2 * dispatch.PROBE_ROWS
+
+
+# the Triton kernels (interpreter on CPU) through the whole dispatch
+TRITON = dict(block_size=32, min_seq_len=0, kernel="triton")
+
+
+def count_searches(monkeypatch):
+    """Record the ``rows`` argument of every Triton pattern search."""
+    from fp_compile.kernels import pattern_search as ps
+
+    calls, real = [], ps.pattern_search
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("rows"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ps, "pattern_search", spy)
+    return calls
+
+
+def test_a_dense_call_pays_only_the_probe_not_the_full_search(monkeypatch):
+    dispatch_probe = dispatch.PROBE_ROWS
+    monkeypatch.setattr(dispatch, "PROBE_ROWS", 8)      # 64 blocks: 8 probe rows
+    q, k, v = random_qkv(S=2048)
+    calls = count_searches(monkeypatch)
+    out = flash_prefill(q, k, v, enable_gqa=True, config=FlashPrefillConfig(**TRITON))
+    assert calls == [(7, 8, 8)], calls                   # blocks 7, 15, ..., 63 only
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.equal(out, want)
+    assert dispatch_probe == 64
+
+
+# (PROBE_ROWS, INDEX_BYTES, the searches expected): 32 blocks, 4 heads
+SEARCHES = {
+    "whole": (64, 1 << 30, [None]),                   # the probe would read every row: 1 search
+    "probe": (8, 1 << 30, [(3, 4, 8), None]),         # probe rows 3, 7, ..., 31, then the rest
+    "chunks": (8, 3 * 4 * 4 * 32, [(3, 4, 8)] + [(i, 1, min(3, 32 - i)) for i in range(0, 32, 3)]),
+}
+
+
+@pytest.mark.parametrize("case", SEARCHES)
+def test_chunked_selection_equals_the_whole_call_and_the_reference(monkeypatch, case):
+    probe_rows, index_bytes, searches = SEARCHES[case]
+    monkeypatch.setattr(dispatch, "PROBE_ROWS", probe_rows)
+    monkeypatch.setattr(dispatch, "INDEX_BYTES", index_bytes)   # "chunks": 3 blocks a chunk
+    # kv group 0 structure-less (dense), group 1 structured (sparse)
+    qs, ks, vs = planted_qkv(1, 2, 1, 1024, 32, seed=2, strength=2.0)
+    qr, kr, vr = random_qkv(H=2, Hkv=1, S=1024, seed=3)
+    q, k, v = torch.cat([qr, qs], 1), torch.cat([kr, ks], 1), torch.cat([vr, vs], 1)
+    config = FlashPrefillConfig(**TRITON, dense_above=0.9, collect_stats=True)
+    calls = count_searches(monkeypatch)
+    out = flash_prefill(q, k, v, enable_gqa=True, config=config)
+    assert calls == searches
+    (row,) = fp_compile.stats().rows
+    assert row.dense_heads == (True, True, False, False), row
+    want = dispatch.reference(q, k, v, None, config.replace(kernel="reference"))
+    assert_close(out, want, 2e-5, 2e-5)
+    assert torch.equal(out[:, :2], F.scaled_dot_product_attention(
+        q[:, :2], k[:, :1], v[:, :1], is_causal=True, enable_gqa=True))
+
+
+@gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gpu_chunks_equal_the_whole_index(monkeypatch, compiled):
+    # 64 blocks of 128, 8 heads: 5 chunks of 14 blocks when INDEX_BYTES holds 14 rows
+    q, k, v = planted_qkv(1, 8, 2, 8192, 128, seed=1, dtype=torch.bfloat16, device="cuda")
+    configs = [FlashPrefillConfig(min_seq_len=0), FlashPrefillConfig.paper_rule(min_seq_len=0)]
+    for config in configs:
+        whole = flash_prefill(q, k, v, enable_gqa=True, config=config)
+        monkeypatch.setattr(dispatch, "INDEX_BYTES", 14 * 8 * 64 * 4)
+        assert dispatch.chunk_rows(1, 8, 64) == 14
+
+        def op(q, k, v):
+            return flash_prefill(q, k, v, enable_gqa=True, config=config)
+
+        fn = torch.compile(op, fullgraph=True, dynamic=False) if compiled else op
+        poison = torch.full_like(q, float("nan"))
+        del poison
+        chunked = fn(q, k, v)
+        monkeypatch.setattr(dispatch, "INDEX_BYTES", 1 << 40)
+        torch._dynamo.reset()
+        assert chunked.isfinite().all()
+        assert rel_l2(chunked, whole) < 1e-3, (config, rel_l2(chunked, whole))

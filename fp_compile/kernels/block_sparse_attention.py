@@ -77,14 +77,16 @@ def _visible_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale,
 def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vmean_ptr,
                     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                     sob, soh, sos, sod, snb, snh, snm, sib, sih, sim, sin,
-                    S, H, G, qk_scale,
+                    S, SQ, Q0, H, G, qk_scale,
                     D: tl.constexpr, DP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
                     MEAN_CORRECTION: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (B * H, cdiv(S, BLOCK_M)); writes out[b, h, tile rows, :D].
+    """Grid (B * H, cdiv(SQ, BLOCK_M)); writes out[b, h, tile rows, :D].
 
-    q (B, H, S, D), k / v (B, H // G, S, D), out (B, H, S, D), any strides;
-    num (B, H, M) and idx (B, H, M, M) int32 (strides may be 0 to broadcast);
+    q (B, H, SQ, D): the queries at sequence positions Q0 .. Q0 + SQ - 1 (Q0 a multiple of
+    BLOCK_SIZE), k / v (B, H // G, S, D), out (B, H, SQ, D), any strides;
+    num (B, H, n) and idx (B, H, n, M) int32 for query blocks Q0 // BLOCK_SIZE onwards (strides
+    may be 0 to broadcast);
     kmean / vmean contiguous (B, H // G, M, D), read only with MEAN_CORRECTION.
     """
     tl.static_assert(BLOCK_SIZE % BLOCK_M == 0, "a query tile must lie in one selection block")
@@ -98,18 +100,21 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     pid_bh = tl.program_id(0)
     # Last query tiles first: they keep the most blocks (last_dense rows keep them all), so
     # starting them first shortens the tail of the launch.
-    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    start_l = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M   # first row, local
+    start_m = Q0 + start_l                                                # ... and absolute
     i = start_m // BLOCK_SIZE
+    li = i - Q0 // BLOCK_SIZE                                             # row of num / idx
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     kvh = h // G
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_l = start_l + tl.arange(0, BLOCK_M)
+    offs_m = Q0 + offs_l
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DP)
     d_ok = offs_d < D
-    q_mask = (offs_m < S)[:, None] & d_ok[None, :]
-    q = tl.load(q_ptr + b * sqb + h * sqh + offs_m[:, None].to(tl.int64) * sqs
+    q_mask = (offs_l < SQ)[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + b * sqb + h * sqh + offs_l[:, None].to(tl.int64) * sqs
                 + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
     k_base = k_ptr + b * skb + kvh * skh
     v_base = v_ptr + b * svb + kvh * svh
@@ -121,8 +126,8 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
 
-    num = tl.load(num_ptr + b * snb + h * snh + i * snm)
-    idx_row = idx_ptr + b * sib + h * sih + i.to(tl.int64) * sim
+    num = tl.load(num_ptr + b * snb + h * snh + li * snm)
+    idx_row = idx_ptr + b * sib + h * sih + li.to(tl.int64) * sim
     # n_full = number of kept entries before the diagonal; the list is ascending, so trim the
     # entries >= i from its end (normally only the diagonal).
     n_full = num
@@ -189,7 +194,7 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
 
     # Rows that saw nothing (no kept block) get 0 / 0 = NaN, as the reference's softmax.
     out = acc / l_i[:, None]
-    tl.store(o_ptr + b * sob + h * soh + offs_m[:, None].to(tl.int64) * sos
+    tl.store(o_ptr + b * sob + h * soh + offs_l[:, None].to(tl.int64) * sos
              + offs_d[None, :] * sod, out.to(o_ptr.dtype.element_ty), mask=q_mask)
 
 
@@ -256,7 +261,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            scale: float, block_size: int, *, mean_correction: bool = False,
                            kmean: torch.Tensor | None = None, vmean: torch.Tensor | None = None,
                            tile: tuple[int, int, int, int] | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, q_start: int = 0) -> torch.Tensor:
     """Causal attention over the kept key blocks. Returns (B, H, S, D) in q's dtype.
 
     q (B, H, S, D); k, v (B, Hkv, S, D), H % Hkv == 0; any strides; fp16/bf16/fp32 (other
@@ -266,10 +271,16 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     kmean / vmean (B, Hkv, M, D) block means (computed here when None).
     tile: (BLOCK_M, BLOCK_N, num_warps, num_stages) to bypass autotuning (benchmarks, tests).
     out: optional (B, H, S, D) buffer of q's dtype, any strides, written in full and returned.
+    q_start: q holds only the queries at positions q_start .. q_start + S_q - 1 of the
+    sequence (q_start a multiple of block_size; out is then (B, H, S_q, D)) and kv_num_blocks /
+    kv_indices only their query blocks' rows, (B, H, ceil(S_q / block_size)[, M]).
     """
     check_kernel_dtype(q, "block_sparse_attention")
-    B, H, S, D = q.shape
-    Hkv = k.shape[1]
+    B, H, SQ, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if q_start and (q_start % block_size or q_start + SQ > S):
+        raise ValueError(f"block_sparse_attention: q_start={q_start} must be a multiple of "
+                         f"block_size={block_size} with q_start + S_q <= S_kv={S}")
     if mean_correction:
         if kmean is None or vmean is None:
             kmean, vmean = block_means(k, block_size, v)
@@ -286,7 +297,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     args = (q, k, v, out, kv_num_blocks, kv_indices, kmean, vmean,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *kv_num_blocks.stride(), *kv_indices.stride(),
-            S, H, H // Hkv, float(scale) * LOG2E)
+            S, SQ, q_start, H, H // Hkv, float(scale) * LOG2E)
     consts = dict(D=D, DP=DP, BLOCK_SIZE=block_size, BLOCK_J=_block_j(DP),
                   MEAN_CORRECTION=bool(mean_correction), DOT_PRECISION=precision)
     if tile is None and interpreting():
@@ -295,7 +306,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         tile = (bm, bm, 4, 1)
     if tile is not None:
         bm, bn, warps, stages = tile
-        grid = (B * H, triton.cdiv(S, bm))
+        grid = (B * H, triton.cdiv(SQ, bm))
         launcher(_bsa_fwd_kernel)[grid](*args, BLOCK_M=bm, BLOCK_N=bn, **consts,
                                            num_warps=warps, num_stages=stages)
         return out
@@ -303,7 +314,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # Heads on axis 0 so that the first wave of programs holds every head's heaviest (last)
     # query tiles; the kernel reverses axis 1. S and H may be SymInts under torch.compile.
     def grid(meta):
-        return (B * H, triton.cdiv(S, meta["BLOCK_M"]))
+        return (B * H, triton.cdiv(SQ, meta["BLOCK_M"]))
 
     launcher(_autotuned_kernel(block_size, DP, q.element_size()))[grid](*args, **consts)
     return out
@@ -314,17 +325,18 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
                                      scale: float, block_size: int,
-                                     mean_correction: bool = False) -> torch.Tensor:
+                                     mean_correction: bool = False, q_start: int = 0
+                                     ) -> torch.Tensor:
     """Exact causal softmax attention restricted to the kept blocks. Returns (B, H, S, D).
 
     With ``mean_correction`` every skipped key block that lies fully before the query block
     enters the softmax as one pseudo-token: logit scale * q . kmean_j + log(count_j), value
-    vmean_j (FlashPrefill V2's zero-order term).
+    vmean_j (FlashPrefill V2's zero-order term). q_start: as for ``block_sparse_attention``.
     """
-    B, H, S, D = q.shape
-    Hkv = k.shape[1]
+    B, H, SQ, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
     M = cdiv(S, block_size)
-    keep = expand_indices(kv_num_blocks, kv_indices)  # (B,H,M,M)
+    keep = expand_indices(kv_num_blocks, kv_indices)  # (B,H,n,M)
     keep_g = keep.unflatten(1, (Hkv, H // Hkv))
     out = torch.empty_like(q)
     kf, vf = k.to(acc_dtype(k)), v.to(acc_dtype(v))
@@ -333,17 +345,18 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     rows_step = rows_per_chunk(B, H, S + (M if mean_correction else 0), 1)
     cols = torch.arange(S, device=q.device)
     col_block = cols // block_size
-    for r0 in range(0, S, rows_step):
-        r1 = min(S, r0 + rows_step)
-        rows = torch.arange(r0, r1, device=q.device)
+    for r0 in range(0, SQ, rows_step):
+        r1 = min(SQ, r0 + rows_step)
+        rows = q_start + torch.arange(r0, r1, device=q.device)
         row_block = rows // block_size
+        local_block = row_block - q_start // block_size
         qc = group_view(q[:, :, r0:r1], Hkv).to(kf.dtype)
         logits = scale * torch.matmul(qc, kf.unsqueeze(2).transpose(-1, -2))  # (B,Hkv,G,r,S)
-        block_ok = keep_g[:, :, :, row_block][..., col_block]  # (B,Hkv,G,r,S)
+        block_ok = keep_g[:, :, :, local_block][..., col_block]  # (B,Hkv,G,r,S)
         allowed = block_ok & (cols[None, :] <= rows[:, None])
         logits = logits.masked_fill(~allowed, float("-inf"))
         if mean_correction:
-            skipped = ~keep_g[:, :, :, row_block] & (
+            skipped = ~keep_g[:, :, :, local_block] & (
                 torch.arange(M, device=q.device)[None, :] < row_block[:, None])
             pseudo = scale * torch.matmul(qc, kmean.unsqueeze(2).transpose(-1, -2))
             pseudo = (pseudo + counts.log()).masked_fill(~skipped, float("-inf"))

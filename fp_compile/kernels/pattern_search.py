@@ -114,7 +114,7 @@ def _guard_offset(scores_row, mass_out, best, has_nan, log2_alpha, mass_floor, i
 @triton.jit
 def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr,
                            sqb, sqh, sqs, sqd,
-                           S, M, H, Hkv, G, qk_scale, log2_alpha, mass_floor,
+                           S, M, H, Hkv, G, qk_scale, log2_alpha, mass_floor, I_LO, I_STEP, NR,
                            sink_blocks, window_blocks, last_dense_blocks,
                            BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                            TJ: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
@@ -139,8 +139,10 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr,
     qk_scale = tl.cast(qk_scale, tl.float32)
     log2_alpha = tl.cast(log2_alpha, tl.float32)
     mass_floor = tl.cast(mass_floor, tl.float32)
-    # Largest rows first: they hold the most key blocks, so the tail of the launch is short.
-    i = M - 1 - tl.program_id(0)
+    # Rows I_LO, I_LO + I_STEP, ... (NR of them; local row r is i = I_LO + r * I_STEP), largest
+    # first: they hold the most key blocks, so the tail of the launch is short.
+    r = NR - 1 - tl.program_id(0)
+    i = I_LO + r * I_STEP
     pid1 = tl.program_id(1)
     units = H // GROUP
     b = (pid1 // units).to(tl.int64)
@@ -160,7 +162,8 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr,
     n_tiles_a = tl.where(dense_row, 0, (i + TJ - 1) // TJ)
     window_lo = tl.where(dense_row, -1, i - window_blocks)
     scored_hi = tl.where(dense_row, 0, i)   # blocks j < scored_hi have parked scores
-    row_out = ((b * H + h0) * M + i) * M
+    row_out = ((b * H + h0) * NR + r) * M      # int64: b is
+    HEAD = (b * 0 + NR) * M  # one head's rows in num / idx (NR x M), int64; NR may be constexpr 1
 
     q_head = q_ptr + b * sqb + h0.to(tl.int64) * sqh + q_offs
     # Pass A: per head, the threshold log2(alpha) + max_j log2 score_ij; scores parked.
@@ -173,15 +176,15 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr,
         for t in range(0, n_tiles_a):
             ls = _tile_log2_scores(qt, kmean_row, t * TJ, i, row_ok, qk_scale, D, DP, TJ, IEEE)
             js = t * TJ + tl.arange(0, TJ)
-            tl.store(idx_ptr + row_out + g * M * M + js, ls.to(tl.int32, bitcast=True),
+            tl.store(idx_ptr + row_out + g * HEAD + js, ls.to(tl.int32, bitcast=True),
                      mask=js < i)
             isnan = ls != ls
             has_nan = tl.maximum(has_nan, tl.max(isnan.to(tl.int32), axis=0))
             best = tl.maximum(best, tl.max(tl.where(isnan, float("-inf"), ls), axis=0))
         offset = log2_alpha
         if MASS:
-            offset = _guard_offset(idx_ptr + row_out + g * M * M, mass_ptr + (
-                (b * H + h0 + g) * M + i), best, has_nan, log2_alpha, mass_floor, i, n_tiles_a,
+            offset = _guard_offset(idx_ptr + row_out + g * HEAD, mass_ptr + (
+                (b * H + h0 + g) * NR + r), best, has_nan, log2_alpha, mass_floor, i, n_tiles_a,
                 sink_blocks, window_lo, TJ, RUNGS, RP, LOG2_RATIO)
         # The reference's row max is NaN when any score is: then every block is kept.
         thr = tl.where(has_nan != 0, float("-inf"), offset + best)
@@ -196,7 +199,7 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr,
         keep = (js < sink_blocks) | (js > window_lo)
         scored = js < scored_hi
         for g in range(GROUP):
-            bits = tl.load(idx_ptr + row_out + g * M * M + js, mask=scored, other=0)
+            bits = tl.load(idx_ptr + row_out + g * HEAD + js, mask=scored, other=0)
             ls = bits.to(tl.float32, bitcast=True)
             thr = tl.max(tl.where(gs == g, thr_vec, float("-inf")), axis=0)
             # == ~(ls < thr) of the reference: NaN scores keep their block.
@@ -208,7 +211,7 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr,
         flags = keep.to(tl.int32)
         pos = count + tl.cumsum(flags, axis=0) - 1
         for g in range(GROUP):
-            tl.store(idx_ptr + row_out + g * M * M + pos, js, mask=keep)
+            tl.store(idx_ptr + row_out + g * HEAD + pos, js, mask=keep)
         count += tl.sum(flags, axis=0)
 
     # Unused entries: 0 (they may still hold parked scores).
@@ -216,9 +219,9 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr,
         ps = p0 + tl.arange(0, TJ)
         zeros = tl.zeros([TJ], dtype=tl.int32)
         for g in range(GROUP):
-            tl.store(idx_ptr + row_out + g * M * M + ps, zeros, mask=(ps >= count) & (ps < M))
+            tl.store(idx_ptr + row_out + g * HEAD + ps, zeros, mask=(ps >= count) & (ps < M))
     for g in range(GROUP):
-        tl.store(num_ptr + ((b * H + h0 + g) * M + i), count)
+        tl.store(num_ptr + ((b * H + h0 + g) * NR + r), count)
 
 
 def _launch_config(block_size: int, head_dim_p2: int) -> dict:
@@ -235,7 +238,8 @@ def _launch_config(block_size: int, head_dim_p2: int) -> dict:
 def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, alpha: float,
                    sink_blocks: int, window_blocks: int, last_dense_blocks: int, *,
                    gqa_shared: bool = False, kmean: torch.Tensor | None = None,
-                   mass_floor: float = 0.0, return_mass: bool = False):
+                   mass_floor: float = 0.0, return_mass: bool = False,
+                   rows: tuple[int, int, int] | None = None):
     """FlashPrefill block selection in FlexAttention's compact layout.
 
     q (B, H, S, D), k (B, Hkv, S, D), H % Hkv == 0, fp16/bf16/fp32, any strides.
@@ -244,6 +248,10 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
     kmean: optional precomputed ``block_means(k, block_size)`` (any float dtype; cast to q's).
     mass_floor > 0: the mass guard (``guarded_choice``). return_mass: also return the estimated
     kept mass per row (B, H, M) fp32.
+    rows: (start, step, n): only query blocks start, start + step, ..., n of them; the outputs
+    then hold those rows in that order: num (B, H, n), idx (B, H, n, M), mass (B, H, n). Memory
+    follows n (the dispatch selects long prompts a chunk of rows at a time, and samples rows
+    for the dense decision).
     """
     check_kernel_dtype(q, "pattern_search")
     B, H, S, D = q.shape
@@ -256,16 +264,19 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
         kmean = block_means(k, block_size, out_dtype=q.dtype)
     else:
         kmean = kmean.to(q.dtype).contiguous()
-    num = torch.empty((B, H, M), dtype=torch.int32, device=q.device)
-    idx = torch.empty((B, H, M, M), dtype=torch.int32, device=q.device)
+    start, step, n = (0, 1, M) if rows is None else rows
+    if rows is not None and (n < 1 or start < 0 or step < 1 or start + (n - 1) * step >= M):
+        raise ValueError(f"pattern_search: rows={rows} outside the {M} query blocks")
+    num = torch.empty((B, H, n), dtype=torch.int32, device=q.device)
+    idx = torch.empty((B, H, n, M), dtype=torch.int32, device=q.device)
     group = G if gqa_shared else 1
     DP = max(16, triton.next_power_of_2(int(D)))
     log2_alpha = math.log2(alpha) if alpha > 0 else float("-inf")
     use_mass = mass_floor > 0 or return_mass
-    mass = torch.empty((B, H, M), dtype=torch.float32, device=q.device) if use_mass else num
-    launcher(_pattern_search_kernel)[(M, B * (H // group))](
+    mass = torch.empty((B, H, n), dtype=torch.float32, device=q.device) if use_mass else num
+    launcher(_pattern_search_kernel)[(n, B * (H // group))](
         q, kmean, num, idx, mass, *q.stride(), S, M, H, Hkv, G, float(scale) * LOG2E,
-        log2_alpha, float(mass_floor), sink_blocks, window_blocks, last_dense_blocks,
+        log2_alpha, float(mass_floor), start, step, n, sink_blocks, window_blocks, last_dense_blocks,
         BLOCK=block_size, D=D, DP=DP, GROUP=group, GP=triton.next_power_of_2(group),
         IEEE=q.dtype == torch.float32, MASS=use_mass, RUNGS=GUARD_RUNGS,
         RP=triton.next_power_of_2(GUARD_RUNGS), LOG2_RATIO=math.log2(GUARD_RATIO),

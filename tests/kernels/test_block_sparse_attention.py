@@ -321,3 +321,32 @@ def test_gpu_torch_compile_and_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert rel_l2(out, expected) <= 1e-2
+
+
+@pytest.mark.parametrize("mean_correction", [False, True], ids=["plain", "mean_corr"])
+@pytest.mark.parametrize("blocks", [(0, 3), (3, 7), (6, 7), (2, 5)])
+def test_a_chunk_of_query_blocks_equals_those_rows_of_the_whole_call(blocks, mean_correction):
+    # the dispatch attends long prompts a chunk of query blocks at a time (q_start)
+    B, H, Hkv, S, D, bs = 2, 4, 2, 100, 16, 16
+    q, k, v = make_qkv(B, H, Hkv, S, D, torch.float32, seed=4)
+    num, idx = random_selection(B, H, S, bs, 0.4, seed=4)
+    whole = block_sparse_attention_reference(q, k, v, num, idx, 0.25, bs, mean_correction)
+    i0, i1 = blocks
+    r0, r1 = i0 * bs, min(S, i1 * bs)
+    qc, nc, ic = q[:, :, r0:r1], num[:, :, i0:i1], idx[:, :, i0:i1]
+    out = poisoned_like(qc)
+    got = block_sparse_attention(qc, k, v, nc, ic, 0.25, bs, mean_correction=mean_correction,
+                                 out=out, q_start=r0)
+    assert got is out and got.shape == (B, H, r1 - r0, D)
+    assert_close(got, whole[:, :, r0:r1], *TOLERANCE[torch.float32])
+    ref = block_sparse_attention_reference(qc, k, v, nc, ic, 0.25, bs, mean_correction,
+                                           q_start=r0)
+    assert_close(ref, whole[:, :, r0:r1], 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("q_start", [8, 96])
+def test_a_chunk_must_start_on_a_block_and_fit_the_keys(q_start):
+    q, k, v = make_qkv(1, 2, 2, 32, 16, torch.float32)
+    num, idx = random_selection(1, 2, 32, 16, 0.5)
+    with pytest.raises(ValueError, match="q_start"):
+        block_sparse_attention(q, k, v, num, idx, 0.25, 16, q_start=q_start)

@@ -266,3 +266,27 @@ def test_gpu_op_under_torch_compile_runs_the_kernel():
     out, code = run_and_get_code(torch.compile(attend, fullgraph=True), q, k, v)
     assert "_pattern_search_kernel" in "\n".join(code)
     assert_close(out, attend(q, k, v), 2e-2, 2e-2, "compiled op vs eager op")
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
+@pytest.mark.parametrize("rows", [(0, 1, 13), (3, 3, 4), (12, 1, 1), (2, 5, 3)])
+def test_a_subset_of_rows_equals_those_rows_of_the_whole_selection(rows, shared):
+    # the dispatch's probe (strided rows) and its chunks (consecutive rows) use this
+    q, k = aligned_qk(2, 4, 2, 200, 24, torch.float32, seed=3)
+    args = (q, k, 24 ** -0.5, 16, 0.3, 1, 1, 1)
+    num, idx, mass = pattern_search_reference(*args, gqa_shared=shared, mass_floor=0.8,
+                                              return_mass=True)
+    got_num, got_idx, got_mass = pattern_search(*args, gqa_shared=shared, mass_floor=0.8,
+                                                return_mass=True, rows=rows)
+    start, step, n = rows
+    picked = torch.arange(start, start + step * n, step)
+    assert got_num.shape == (2, 4, n) and got_idx.shape == (2, 4, n, 13)
+    assert torch.equal(got_num, num[:, :, picked]) and torch.equal(got_idx, idx[:, :, picked])
+    assert_close(got_mass, mass[:, :, picked], 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("rows", [(0, 1, 14), (13, 1, 2), (-1, 1, 2), (0, 0, 3), (0, 1, 0)])
+def test_rows_outside_the_query_blocks_are_refused(rows):
+    q, k = aligned_qk(1, 2, 1, 200, 16, torch.float32)
+    with pytest.raises(ValueError, match="rows="):
+        pattern_search(q, k, 0.25, 16, 0.3, 1, 1, 1, rows=rows)
