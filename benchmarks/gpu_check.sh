@@ -3,10 +3,11 @@
 # add up to under 10 minutes), a short table last. Full logs and results go under $OUT (or
 # ./gpu_out), packed into results.tgz.
 #   bash benchmarks/gpu_check.sh                 # tests bench demo
-#   bash benchmarks/gpu_check.sh tests bench     # some parts: tests bench guards accuracy demo
+#   bash benchmarks/gpu_check.sh tests bench     # some parts: tests bench guards scale accuracy demo
 # Extra arguments for bench_attention.py go in $BENCH_ARGS. Each part has a time limit
-# (TEST_TIMEOUT, BENCH_TIMEOUT, GUARDS_TIMEOUT, ACC_TIMEOUT, DEMO_TIMEOUT seconds) so one call
-# fits in 10 minutes. GUARDS_ARGS: extra arguments for bench_guards.py.
+# (TEST_TIMEOUT, BENCH_TIMEOUT, GUARDS_TIMEOUT, SCALE_TIMEOUT, ACC_TIMEOUT, DEMO_TIMEOUT seconds) so one call
+# fits in 10 minutes. GUARDS_ARGS / SCALE_ARGS: extra arguments for bench_guards.py /
+# bench_scale.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -39,6 +40,13 @@ if has guards; then
     ${GUARDS_ARGS:-} > "$OUT/guards.log" 2>&1
   summary+=("guards: exit $?")
   tail -32 "$OUT/guards.log"
+fi
+if has scale; then
+  # shellcheck disable=SC2086
+  timeout "${SCALE_TIMEOUT:-240}" python3 benchmarks/bench_scale.py --out "$OUT" \
+    ${SCALE_ARGS:-} > "$OUT/scale.log" 2>&1
+  summary+=("scale: exit $?")
+  tail -20 "$OUT/scale.log"
 fi
 if has accuracy; then
   timeout "${ACC_TIMEOUT:-120}" python3 benchmarks/bench_accuracy.py --out "$OUT" \
