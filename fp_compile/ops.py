@@ -96,6 +96,15 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # dynamo rejects k/v that are views of one tensor.) The kernels then launch from the
         # op's Python: no host synchronisation, so CUDA graphs still capture it.
         return torch.ops.fp_compile.flash_prefill_eager(q, k, v, *flat)
+    B, H, S = q.shape[:3]
+    M = -(-S // block_size)
+    if dispatch.chunk_rows(B, H, M) < M:
+        # A prompt long enough to be selected in chunks (B * H * M * M * 4 bytes of index above
+        # dispatch.INDEX_BYTES) runs opaque: traced, the chunks' launches into slices of one
+        # output ran into an illegal memory access in Inductor's code on the H200 (run 19),
+        # while the same launches from the opaque op are exact. At these lengths the kernels'
+        # own time dwarfs what inlining saves.
+        return torch.ops.fp_compile.flash_prefill_eager(q, k, v, *flat)
     # Static length: the same dispatch as the eager op, traced, so the kernels' wrap_triton
     # launches land in Inductor's code.
     config = _config(*flat[1:-1])
