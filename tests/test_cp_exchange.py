@@ -66,6 +66,7 @@ def test_bytes_by_hand_contiguous():
     assert t["means"] == [32, 32] and t["bitmap"] == [1, 1]
     assert t["sel_pull"] == [33, 161]                  # 0 / 4 blocks + 32 + 1
     assert t["sel_push"] == [49, 89]                   # q 16 + 33 / 32 + out 24 + 33
+    assert t["ring_push"] == [144, 152]                # 128 + q 16 / 128 + out 24
     # the same with half the groups simulated: selection-aware block traffic doubles
     assert cx.rank_traffic(sh, SHAPE, pull, push, 2.0)["sel_pull"] == [33, 289]
 

@@ -228,7 +228,9 @@ def rank_traffic(sh: Sharding, shape: Shape, pull: dict[str, list[int]],
 
     pull / push: ``group_exchange`` results summed over the kv groups counted (without and with
     pushes), scaled by ``groups_scale`` (kv_heads / groups counted) when only some groups were
-    simulated. Both selection-aware strategies include ``means`` (the other ranks' key-block
+    simulated. ``ring_push``: the dense ring with the same pushes (each rank holds every block
+    by the end of the ring, so there a push only moves work). Both selection-aware strategies
+    include ``means`` (the other ranks' key-block
     means, every kv head) and ``bitmap`` (the requests: per kv head, one bit per owned block
     from each other rank).
     """
@@ -240,15 +242,17 @@ def rank_traffic(sh: Sharding, shape: Shape, pull: dict[str, list[int]],
     kvb = shape.kv_block_bytes
     q_block = shape.group * b * D * dt
     back = shape.group * b * (D * dt + 4)
+    pushes = [groups_scale * (push["pushed_in"][r] * q_block + push["pushed_out"][r] * back)
+              for r in range(R)]
     return {
         "ring_all": [n * Hkv * kvb for n in dense["remote_all"]],
+        "ring_push": [n * Hkv * kvb + p for n, p in zip(dense["remote_all"], pushes)],
         "ring_causal": [n * Hkv * kvb for n in dense["remote_causal"]],
         "means": means,
         "bitmap": bitmap,
         "sel_pull": [groups_scale * pull["pulled"][r] * kvb + means[r] + bitmap[r]
                      for r in range(R)],
-        "sel_push": [groups_scale * (push["pulled"][r] * kvb + push["pushed_in"][r] * q_block
-                                     + push["pushed_out"][r] * back) + means[r] + bitmap[r]
+        "sel_push": [groups_scale * push["pulled"][r] * kvb + pushes[r] + means[r] + bitmap[r]
                      for r in range(R)],
     }
 

@@ -182,15 +182,17 @@ def step_ms(row: dict, comm: str, compute: str) -> float:
 
 
 def step_table(rows: list[dict]) -> str:
-    """Markdown: busiest-rank step estimates (overlap assumed) for three designs."""
-    head = ("| config | S | R | sharding | dense ring + dense attn ms | dense ring + sparse attn ms"
-            " | sel pull+push + sparse attn ms | + search ms (this device) |")
-    lines = [head, "|" + "---|" * 8]
+    """Markdown: busiest-rank step estimates (overlap assumed) for four designs."""
+    designs = (("ring_all", "dense"), ("ring_all", "sparse_pull"), ("ring_push", "sparse_push"),
+               ("sel_push", "sparse_push"))
+    head = ("| config | S | R | sharding | dense ring + dense attn ms | dense ring + sparse attn "
+            "ms | dense ring + sparse attn, rows pushed ms | sel pull+push + sparse attn ms | "
+            "+ search ms (this device) |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
-        lines.append(
-            f"| {r['config']} | {r['seq_len']} | {r['ranks']} | {r['sharding']} | "
-            f"{step_ms(r, 'ring_all', 'dense'):.3g} | {step_ms(r, 'ring_all', 'sparse_pull'):.3g}"
-            f" | {step_ms(r, 'sel_push', 'sparse_push'):.3g} | {r['search_ms_per_rank']:.3g} |")
+        steps = " | ".join(f"{step_ms(r, c, t):.3g}" for c, t in designs)
+        lines.append(f"| {r['config']} | {r['seq_len']} | {r['ranks']} | {r['sharding']} | "
+                     f"{steps} | {r['search_ms_per_rank']:.3g} |")
     return "\n".join(lines)
 
 
