@@ -12,16 +12,18 @@ norms and LM head stay replicated.
 Hugging Face models are sharded by their own plan (``config.base_model_tp_plan``, e.g.
 ``layers.*.self_attn.q_proj: colwise``) applied with PyTorch's ``ColwiseParallel`` /
 ``RowwiseParallel`` styles. Transformers' own route, ``from_pretrained(..., tp_plan="auto")``,
-is not used: it loads a checkpoint (a random-init model has none; transformers 5.24 takes a
-``state_dict`` instead, but then asks for ``accelerate``, which is no dependency here), and its
-parallel-style classes changed between 5.17 (the GPU machine) and 5.24. The decoder-layer
-entries of the plan are the same ``colwise`` / ``rowwise`` rules the built-in model uses.
+is not used: it loads a checkpoint, which a random-init model does not have (transformers 5.24
+takes a ``state_dict`` instead, but then asks for ``accelerate``, no dependency here), and the
+internals behind it (``transformers.distributed``) move between releases, while the GPU machine
+has 5.17 and this project tests 5.24. The decoder-layer entries of the plan are the same
+``colwise`` / ``rowwise`` rules the built-in model uses; with ``--hf`` the benchmark checks
+it on CPU (gloo), not on long GPU prompts.
 
 The benchmark runs under torchrun, one process per GPU (NCCL) or per CPU process (gloo)::
 
-    torchrun --nproc-per-node 2 -m fp_compile.demo.tp --device cuda \\
+    torchrun --standalone --nproc-per-node 2 -m fp_compile.demo.tp --device cuda \\
         --seq-len 131072 262144 524288 1048576 --dense-max 524288 --json tp.json
-    torchrun --nproc-per-node 2 -m fp_compile.demo.tp --device cpu       # a small CPU check
+    torchrun --standalone --nproc-per-node 2 -m fp_compile.demo.tp --device cpu   # small, gloo
 
 For each length: dense TP (the sharded model under ``backend="inductor"``), sparse TP (the
 sharded model under ``make_backend(config)``) and, on rank 0 alone, sparse on one device (the
@@ -176,6 +178,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.dense_max is None:
         args.dense_max = max(args.seq_len)
+    if args.reps < 1 or min(args.seq_len) < 2:
+        p.error("--reps must be >= 1 and every --seq-len >= 2")
     if "RANK" not in os.environ:
         p.error("run under torchrun, e.g. torchrun --nproc-per-node 2 -m fp_compile.demo.tp")
     return args
@@ -238,7 +242,7 @@ def measure(fn, ids: torch.Tensor, reps: int, held_bytes: int, barrier=None):
 
     The peak is the device's ``max_memory_allocated`` over warm-up and runs, less
     ``held_bytes`` (outputs of earlier runs that the caller keeps for its checks): the memory
-    the prefill needs with the model resident. CPU runs report 0.
+    the prefill needs with the model resident. CPU runs report None.
     """
     cuda = ids.device.type == "cuda"
     if cuda:
@@ -262,7 +266,7 @@ def measure(fn, ids: torch.Tensor, reps: int, held_bytes: int, barrier=None):
             t0 = time.perf_counter()
             out = fn(ids)
             times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() - held_bytes if cuda else 0
+    peak = torch.cuda.max_memory_allocated() - held_bytes if cuda else None
     return out, statistics.median(times), peak
 
 
@@ -279,32 +283,89 @@ def _gib(n: float) -> str:
     return f"{n / 2 ** 30:.1f}"
 
 
-def _ms(x) -> str:
-    return "-" if x is None else f"{x:.1f}"
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+TABLE_HEAD = ("| S | dense TP ms | sparse TP ms | sparse vs dense TP | sparse 1 dev ms | "
+              "sparse TP vs 1 dev | peak GiB dense TP | peak GiB sparse TP | peak GiB 1 dev | "
+              "density L0 | rel L2 vs dense TP | rel L2 vs 1 dev |")
+TABLE_NOTE = (
+    "ms: prefill to the final hidden states (no LM head), median of the runs, the slowest "
+    "rank's; peak GiB: max_memory_allocated per device (rank 0/rank 1/...), weights included, "
+    "outputs kept for the checks excluded; density L0: layer 0's kept share of causal blocks "
+    "(the selection, mean over ranks; kv groups above dense_above still run dense); rel L2: "
+    "sparse TP's final hidden states against dense TP's and against the unsharded model's "
+    "under the same backend on one device")
+
+
+def table_row(r: dict) -> str:
+    """One markdown row of ``TABLE_HEAD`` from a result dict of ``main``."""
+    def ratio(num, den):
+        return "-" if num is None or den is None else f"{num / den:.2f}x"
+
+    def peaks(v):   # None: not run; [None, ...]: not measured (CPU)
+        return "-" if v is None or None in v else "/".join(_gib(x) for x in v)
+
+    single_ms = r.get("single_ms")
+    return (f"| {r['seq_len']} | {_fmt(r.get('dense_tp_ms'), '.1f')} | "
+            f"{_fmt(r['sparse_tp_ms'], '.1f')} | "
+            f"{ratio(r.get('dense_tp_ms'), r['sparse_tp_ms'])} | "
+            f"{r.get('single_note') or _fmt(single_ms, '.1f')} | "
+            f"{ratio(single_ms, r['sparse_tp_ms'])} | {peaks(r.get('dense_tp_peak'))} | "
+            f"{peaks(r['sparse_tp_peak'])} | "
+            f"{peaks([r['single_peak']] if 'single_peak' in r else None)} | "
+            f"{r['density']:.3f} | {_fmt(r.get('rel_vs_dense'), '.4f')} | "
+            f"{_fmt(r.get('rel_vs_single'), '.2e')} |")
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| S | dense TP ms | sparse TP ms | TP sparse vs dense | sparse 1 dev ms | "
-            "TP vs 1 dev | peak GiB dense TP | peak GiB sparse TP | peak GiB 1 dev | "
-            "density L0 | rel L2 vs dense TP | rel L2 vs 1 dev |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        def per_rank(key):
-            v = r.get(key)
-            return "-" if v is None else "/".join(_gib(x) for x in v)
+    return "\n".join([TABLE_HEAD, "|" + "---|" * (TABLE_HEAD.count("|") - 1)]
+                     + [table_row(r) for r in rows])
 
-        speed = (f"{r['dense_tp_ms'] / r['sparse_tp_ms']:.2f}x"
-                 if r.get("dense_tp_ms") else "-")
-        scale = (f"{r['single_ms'] / r['sparse_tp_ms']:.2f}x" if r.get("single_ms") else "-")
-        lines.append(
-            f"| {r['seq_len']} | {_ms(r.get('dense_tp_ms'))} | {_ms(r['sparse_tp_ms'])} | "
-            f"{speed} | {_ms(r.get('single_ms'))} | {scale} | {per_rank('dense_tp_peak')} | "
-            f"{per_rank('sparse_tp_peak')} | "
-            f"{'-' if r.get('single_peak') is None else _gib(r['single_peak'])} | "
-            f"{r['density']:.3f} | "
-            + ("-" if r.get("rel_vs_dense") is None else f"{r['rel_vs_dense']:.4f}") + " | "
-            + ("-" if r.get("rel_vs_single") is None else f"{r['rel_vs_single']:.2e}") + " |")
-    return "\n".join(lines)
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _all_gather(value) -> list:
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def run_length(S: int, args, dev, fns: dict, tp_prefill, config, barrier) -> dict:
+    """Every variant at one prompt length: the figures of one table row."""
+    gen = torch.Generator().manual_seed(args.seed + S)
+    ids = torch.randint(1, args.vocab, (1, S), generator=gen)
+    ids[:, 0] = 0        # the sink token (a BOS)
+    ids = ids.to(dev)
+    row: dict = {"seq_len": S}
+    y_dense = None
+    if S <= args.dense_max:
+        y_dense, ms, peak = measure(fns["dense_tp"], ids, args.reps, 0, barrier)
+        row.update(dense_tp_ms=max(_all_gather(ms)), dense_tp_peak=_all_gather(peak))
+    held = 0 if y_dense is None else _nbytes(y_dense)
+    y_tp, ms, peak = measure(fns["sparse_tp"], ids, args.reps, held, barrier)
+    row.update(sparse_tp_ms=max(_all_gather(ms)), sparse_tp_peak=_all_gather(peak),
+               rel_vs_dense=None if y_dense is None else rel_l2(y_tp, y_dense))
+    del y_dense
+    row["density"] = statistics.mean(_all_gather(layer0_density(tp_prefill, ids, config)))
+    if fns.get("single") is not None:
+        try:
+            y_one, ms, peak = measure(fns["single"], ids, args.reps, _nbytes(y_tp))
+            row.update(single_ms=ms, single_peak=peak, rel_vs_single=rel_l2(y_tp, y_one))
+            del y_one
+        except torch.OutOfMemoryError:
+            row["single_note"] = "OOM"
+            torch.cuda.empty_cache()
+    return row
 
 
 def main(argv=None) -> int:
@@ -325,79 +386,53 @@ def main(argv=None) -> int:
     model = build(args, dev, max(args.seq_len))
     single = copy.deepcopy(model) if rank == 0 and not args.no_single else None
     shard_model(model, mesh)
-    weights = sum(_local(t).numel() * t.element_size() for t in
-                  list(model.parameters()) + list(model.buffers()))
+    weights = sum(_nbytes(_local(t)) for t in list(model.parameters()) + list(model.buffers()))
     tp_prefill = prefill_of(model)
-    dense_tp = torch.compile(tp_prefill, backend="inductor", dynamic=True)
-    sparse_tp = torch.compile(tp_prefill, backend=make_backend(config), dynamic=True)
-    sparse_one = (torch.compile(prefill_of(single), backend=make_backend(config), dynamic=True)
-                  if single is not None else None)
+    backends = {"sparse_tp": make_backend(config), "single": make_backend(config)}
+    # dynamic=True: one graph per variant serves every length (the op decides at run time)
+    fns = {"dense_tp": torch.compile(tp_prefill, backend="inductor", dynamic=True),
+           "sparse_tp": torch.compile(tp_prefill, backend=backends["sparse_tp"], dynamic=True),
+           "single": None if single is None else torch.compile(
+               prefill_of(single), backend=backends["single"], dynamic=True)}
     if rank == 0:
         what = "Hugging Face LlamaForCausalLM" if args.hf else "built-in Transformer"
         name = torch.cuda.get_device_name(dev) if args.device == "cuda" else "CPU"
         print(f"{what}: {args.layers} layers, hidden {args.hidden}, {args.heads} heads / "
               f"{args.kv_heads} kv heads, MLP {args.intermediate}, {args.dtype}"
-              f"{'' if args.no_plant else ', planted attention structure'}; "
-              f"TP over {world} x {name} ({'nccl' if args.device == 'cuda' else 'gloo'}); "
-              f"{args.heads // world} heads per rank; torch {torch.__version__}", flush=True)
+              f"{'' if args.no_plant else ', planted attention structure'}; TP over {world} x "
+              f"{name} ({dist.get_backend()}), {args.heads // world} heads per rank; "
+              f"torch {torch.__version__}", flush=True)
         print(f"config: alpha={config.alpha} block_size={config.block_size} "
-              f"min_seq_len={config.min_seq_len} (defaults otherwise); median of {args.reps}; "
-              f"weights per rank {_gib(weights)} GiB", flush=True)
+              f"min_seq_len={config.min_seq_len} (other fields default); {args.reps} timed runs "
+              f"after one warm-up; weights per rank {_gib(weights)} GiB", flush=True)
+        print(TABLE_HEAD + "\n|" + "---|" * (TABLE_HEAD.count("|") - 1), flush=True)
     rows = []
     with torch.no_grad():
         for S in args.seq_len:
-            gen = torch.Generator().manual_seed(args.seed + S)
-            ids = torch.randint(1, args.vocab, (1, S), generator=gen)
-            ids[:, 0] = 0
-            ids = ids.to(dev)
-            row: dict = {"seq_len": S}
-            y_dense = None
-            if S <= args.dense_max:
-                y_dense, ms, peak = measure(dense_tp, ids, args.reps, 0, dist.barrier)
-                row["dense_tp_ms"] = max(_all_gather(dist, ms))
-                row["dense_tp_peak"] = _all_gather(dist, peak)
-            held = 0 if y_dense is None else y_dense.numel() * y_dense.element_size()
-            y_tp, ms, peak = measure(sparse_tp, ids, args.reps, held, dist.barrier)
-            row["sparse_tp_ms"] = max(_all_gather(dist, ms))
-            row["sparse_tp_peak"] = _all_gather(dist, peak)
-            row["rel_vs_dense"] = None if y_dense is None else rel_l2(y_tp, y_dense)
-            del y_dense
-            density = layer0_density(tp_prefill, ids, config)
-            row["density"] = statistics.mean(_all_gather(dist, density))
-            if sparse_one is not None:
-                held = y_tp.numel() * y_tp.element_size()
-                y_one, ms, peak = measure(sparse_one, ids, args.reps, held)
-                row.update(single_ms=ms, single_peak=peak, rel_vs_single=rel_l2(y_tp, y_one))
-                del y_one
-            del y_tp
+            rows.append(run_length(S, args, dev, fns, tp_prefill, config, dist.barrier))
             dist.barrier()
-            rows.append(row)
             if rank == 0:
-                print(f"S={S}: done at {time.perf_counter() - t_start:.0f} s", flush=True)
+                print(table_row(rows[-1]) + f"  <- at {time.perf_counter() - t_start:.0f} s",
+                      flush=True)
+    reports = {k: b.last_report() for k, b in backends.items()}
+    summaries = _all_gather({k: (r.summary(), sorted({e.q_shape for e in r.rewritten}, key=str))
+                             for k, r in reports.items() if r is not None})
     if rank == 0:
         print()
         print(table(rows))
-        print("\nms: prefill of the final hidden states (no LM head), the slowest rank's median;"
-              " peak GiB: max_memory_allocated per rank (rank 0/rank 1/...), weights included, "
-              "outputs kept for the checks excluded; density L0: layer 0's kept causal blocks "
-              "(mean over ranks); rel L2: sparse TP's final hidden states against dense TP and "
-              "against the same sparse model on one device")
+        print()
+        print(TABLE_NOTE)
+        for r, summary in enumerate(summaries):
+            for variant, (line, shapes) in summary.items():
+                print(f"rank {r} {variant}: {line}; op q shapes {', '.join(map(str, shapes))}")
+        print(f"total {time.perf_counter() - t_start:.0f} s")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), "world": world, "torch": torch.__version__,
-                           "rows": rows}, f, indent=1)
+                           "config": repr(config), "rows": rows, "reports": summaries}, f,
+                          indent=1, default=str)
     dist.destroy_process_group()
     return 0
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def _all_gather(dist, value) -> list:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
 
 
 if __name__ == "__main__":
