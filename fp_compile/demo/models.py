@@ -100,9 +100,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 input_pos: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # -1 heads: under tensor parallelism (fp_compile.demo.tp) the projections give this
+        # rank's heads only, fewer than the model's n_heads / n_kv_heads.
+        q = self.q_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, S, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if S > 1:
             # Prefill from an empty cache: causal attention over the prompt itself.
@@ -161,7 +163,11 @@ class Transformer(nn.Module):
         max_seq_len = max_seq_len or self.args.max_seq_len
         p = self.lm_head.weight
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch, self.args.n_kv_heads, max_seq_len,
+            # the kv heads this process holds: all of them, or its shard (fp_compile.demo.tp)
+            w = layer.attention.k_proj.weight
+            w = w.to_local() if hasattr(w, "to_local") else w
+            n_kv_heads = w.shape[0] // self.args.head_dim
+            layer.attention.kv_cache = KVCache(batch, n_kv_heads, max_seq_len,
                                                self.args.head_dim, p.dtype, p.device)
 
     def hidden(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
