@@ -317,10 +317,11 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
                                  config.dense_above, rows).cpu()
         else:
             flags = probe(q, k, scale, config, kmean)
-        skip = flags.to(q.device).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     all_dense = flags is not None and bool(flags.all())
     if all_dense and not config.collect_stats:
-        return dense(q, k, v, scale)
+        return dense(q, k, v, scale)       # nothing queued between the host's wait and cuDNN
+    if flags is not None and bool(flags.any()):
+        skip = flags.to(q.device).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     out, sel = sparse_chunks(q, k, v, scale, config, kmean, vmean, skip, attend=not all_dense,
                              with_mass=config.collect_stats, sel=sel)
     if flags is not None:
