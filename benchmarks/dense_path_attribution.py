@@ -55,7 +55,7 @@ def main() -> None:
         t = [cuda_time(lambda: dispatch.dense(q, k, v, scale), reps)[0],
              cuda_time(lambda: dispatch.dense(q, k, v, scale).contiguous(), reps)[0],
              cuda_time(search, reps)[0],
-             cuda_time(lambda: dispatch.probe(q, k, scale, cfg), reps)[0],
+             cuda_time(lambda: dispatch.probe(q, k, scale, cfg)[0], reps)[0],
              cuda_time(lambda: dispatch.run(q, k, v, scale, cfg), reps)[0],
              cuda_time(lambda: flash_prefill(q, k, v, enable_gqa=True, config=cfg), reps)[0]]
         print(f"| {S} | " + " | ".join(f"{x:.3f}" for x in t)

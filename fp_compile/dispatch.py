@@ -199,10 +199,14 @@ def dense_groups(num: torch.Tensor, num_kv_heads: int, dense_above: float,
 
 
 def probe(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig,
-          kmean: torch.Tensor | None = None) -> torch.Tensor:
-    """The dense decision, on the host: (B, Hkv) bool, from the selection of the probe rows
-    (``probe_rows``) with the Triton search. The host waits for it (a few flags, after a
-    search over PROBE_ROWS rows): the GPU idles only while the host launches what follows.
+          kmean: torch.Tensor | None = None, ahead: Optional[Callable] = None):
+    """The dense decision, on the host: ((B, Hkv) bool flags, ahead() or None).
+
+    The flags come from the selection of the probe rows (``probe_rows``) with the Triton
+    search, copied to pinned host memory asynchronously; ``ahead`` (the first chunk's
+    selection, which the sparse path needs) is queued behind the copy before the host waits,
+    so the GPU works through the host's wait: a sparse call loses only the probe (about
+    PROBE_ROWS / M of the search), a dense call the probe and ``ahead``'s work.
     """
     from .kernels.pattern_search import pattern_search
 
@@ -211,7 +215,19 @@ def probe(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillCo
         q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
         config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
         mass_floor=config.mass_floor, rows=rows)
-    return dense_groups(num, k.shape[1], config.dense_above, rows).cpu()
+    flags_dev = dense_groups(num, k.shape[1], config.dense_above, rows)
+    ready = None
+    if q.device.type == "cuda":
+        flags = torch.empty(flags_dev.shape, dtype=torch.bool, pin_memory=True)
+        flags.copy_(flags_dev, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    else:
+        flags = flags_dev
+    done = ahead() if ahead is not None else None
+    if ready is not None:
+        ready.synchronize()
+    return flags, done
 
 
 def cdiv_blocks(q: torch.Tensor, config: FlashPrefillConfig) -> int:
@@ -219,16 +235,37 @@ def cdiv_blocks(q: torch.Tensor, config: FlashPrefillConfig) -> int:
     return ku.cdiv(q.shape[2], config.block_size)
 
 
+def first_selection(q: torch.Tensor, k: torch.Tensor, scale: float,
+                    config: FlashPrefillConfig, kmean=None, with_mass: bool = False
+                    ) -> Selection:
+    """The selection ``sparse_chunks`` starts with: the whole one when it fits one chunk, else
+    the first chunk's (query blocks 0 .. chunk_rows - 1)."""
+    from .kernels.pattern_search import pattern_search
+
+    B, H = q.shape[:2]
+    M = cdiv_blocks(q, config)
+    step = M if config.vertical_slash else chunk_rows(B, H, M)
+    if step >= M:
+        return select(q, k, scale, config, kmean=kmean, with_mass=with_mass)
+    num, idx, *mass = pattern_search(
+        q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
+        config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
+        mass_floor=config.mass_floor, return_mass=with_mass, rows=(0, 1, step))
+    return Selection(num, idx, mass[0] if mass else None)
+
+
 def sparse_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   config: FlashPrefillConfig, kmean=None, vmean=None,
                   skip_heads: torch.Tensor | None = None, attend: bool = True,
-                  with_mass: bool = False, sel: Optional[Selection] = None
+                  with_mass: bool = False, sel: Optional[Selection] = None,
+                  first: Optional[Selection] = None
                   ) -> tuple[Optional[torch.Tensor], Selection]:
     """Select and attend a chunk of query blocks at a time (``chunk_rows``) with the Triton
     kernels. Returns (out or None when not ``attend``, Selection(num (B, H, M), idx of the last
     chunk, mass or None)). skip_heads: (B, H) bool on the device, heads whose rows are emptied
     (the kernel skips them; the caller runs them dense). sel: the whole selection, when the
-    caller has it already (it is then used as it is, in one chunk)."""
+    caller has it already (it is then used as it is, in one chunk). first: what
+    ``first_selection`` returned (the whole selection, or the first chunk's)."""
     from .kernels.pattern_search import pattern_search
 
     B, H, S, _ = q.shape
@@ -236,6 +273,7 @@ def sparse_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     # The vertical/slash detector adds blocks to whole rows of the selection: one chunk.
     step = M if config.vertical_slash or sel is not None else chunk_rows(B, H, M)
     if step >= M:
+        sel = sel if sel is not None else first
         if sel is None:
             sel = select(q, k, scale, config, kmean=kmean, with_mass=with_mass)
         num = sel.num if skip_heads is None else sel.num.masked_fill(skip_heads[..., None], 0)
@@ -250,10 +288,13 @@ def sparse_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     bs = config.block_size
     for i0 in range(0, M, step):
         n = min(step, M - i0)
-        num, idx, *mass = pattern_search(
-            q, k, scale, bs, config.alpha, config.sink_blocks, config.window_blocks,
-            config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
-            mass_floor=config.mass_floor, return_mass=with_mass, rows=(i0, 1, n))
+        if i0 == 0 and first is not None:
+            num, idx, mass = first.num, first.idx, [first.mass] if with_mass else []
+        else:
+            num, idx, *mass = pattern_search(
+                q, k, scale, bs, config.alpha, config.sink_blocks, config.window_blocks,
+                config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
+                mass_floor=config.mass_floor, return_mass=with_mass, rows=(i0, 1, n))
         nums.append(num)
         masses += mass
         if skip_heads is not None:
@@ -298,13 +339,16 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
         return dense(q, k, v, scale)
     if not use_triton(q, config.kernel):
         return _run_reference_kernels(q, k, v, scale, config, layer)
-    kmean = vmean = None
-    if config.mean_correction:
-        from .kernels.block_means import block_means
+    from .kernels.block_means import block_means
 
+    vmean = None
+    if config.mean_correction:
         # One pass over K and V gives the block statistics of both stages.
         kmean, vmean = block_means(k, config.block_size, v)
-    flags = skip = sel = None
+    else:
+        # Shared by the probe and every chunk's search.
+        kmean = block_means(k, config.block_size, out_dtype=q.dtype)
+    flags = skip = sel = first = None
     if config.dense_above < 1 and not _capturing(q):
         M = cdiv_blocks(q, config)
         if config.vertical_slash or (probe_rows(M)[1] == 1
@@ -316,14 +360,15 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
             flags = dense_groups(sel.num[..., rows[0]::rows[1]], k.shape[1],
                                  config.dense_above, rows).cpu()
         else:
-            flags = probe(q, k, scale, config, kmean)
+            flags, first = probe(q, k, scale, config, kmean, ahead=lambda: first_selection(
+                q, k, scale, config, kmean, config.collect_stats))
     all_dense = flags is not None and bool(flags.all())
     if all_dense and not config.collect_stats:
         return dense(q, k, v, scale)       # nothing queued between the host's wait and cuDNN
     if flags is not None and bool(flags.any()):
         skip = flags.to(q.device).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     out, sel = sparse_chunks(q, k, v, scale, config, kmean, vmean, skip, attend=not all_dense,
-                             with_mass=config.collect_stats, sel=sel)
+                             with_mass=config.collect_stats, sel=sel, first=first)
     if flags is not None:
         out = _dense_runs(q, k, v, scale, flags, out)
     if config.collect_stats:

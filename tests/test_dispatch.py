@@ -141,16 +141,18 @@ def count_searches(monkeypatch):
     return calls
 
 
-def test_a_dense_call_pays_only_the_probe_not_the_full_search(monkeypatch):
-    dispatch_probe = dispatch.PROBE_ROWS
+def test_a_dense_call_decides_on_the_probe_and_runs_no_block_sparse_attention(monkeypatch):
     monkeypatch.setattr(dispatch, "PROBE_ROWS", 8)      # 64 blocks: 8 probe rows
     q, k, v = random_qkv(S=2048)
     calls = count_searches(monkeypatch)
+    from fp_compile.kernels import block_sparse_attention as bsa
+
+    monkeypatch.setattr(bsa, "block_sparse_attention", None)   # would raise if called
     out = flash_prefill(q, k, v, enable_gqa=True, config=FlashPrefillConfig(**TRITON))
-    assert calls == [(7, 8, 8)], calls                   # blocks 7, 15, ..., 63 only
+    # the probe (blocks 7, 15, ..., 63), then the selection queued ahead of the host's wait
+    assert calls == [(7, 8, 8), None], calls
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert torch.equal(out, want)
-    assert dispatch_probe == 64
 
 
 # (PROBE_ROWS, INDEX_BYTES, the searches expected): 32 blocks, 4 heads
