@@ -202,9 +202,14 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
 # (Triton 3.6): the 16-bit ones do not spill registers at D <= 128 and fit the H200's 227 KiB
 # of shared memory; 128-row tiles need 8 warps (4 spill at D = 128). fp32 tiles take twice
 # the shared memory, hence their own (smaller) lists; fp32 is not the fast path.
+# 16-bit, D <= 128 (the fast path): the first that fits the selection block is the only one
+# launched, so nothing is autotuned (the second serves blocks of 64). Timed on the H200 at
+# 8K-128K on planted and random inputs (benchmarks/tune_attention.py, RESULTS.md run 25), it
+# was the fastest in 5 of 6 cases and within 3% in the sixth; the six others it replaces were
+# up to 2x slower, and the autotuner (keyed on D and block size only) kept whichever won the
+# first call for every length after it (a 64-row tile picked at 8K ran 28% slower at 128K).
 _TILES = {
-    (2, 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
-               (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4)],
+    (2, 128): [(128, 128, 8, 3), (64, 64, 4, 3)],
     (2, 256): [(128, 64, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3), (64, 64, 8, 2)],
     (4, 128): [(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
     (4, 256): [(64, 32, 8, 2), (64, 32, 4, 2)],
@@ -237,8 +242,11 @@ def _autotune_key(block_size: int, head_dim_p2: int, elt_bytes: int) -> tuple[in
 
 
 def _make_autotuned(key: tuple[int, int, int]):
+    tiles = _gpu_tiles(*key)
+    if key[1:] == (128, 2):
+        tiles = tiles[:1]   # the measured best that fits the block (see _TILES): no tuning
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-               for bm, bn, w, s in _gpu_tiles(*key)]
+               for bm, bn, w, s in tiles]
     return triton.autotune(configs=configs, key=["D", "BLOCK_SIZE"])(_bsa_fwd_kernel)
 
 
