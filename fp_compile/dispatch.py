@@ -179,6 +179,33 @@ def chunk_rows(B: int, H: int, M: int) -> int:
     return max(1, min(M, INDEX_BYTES // (B * H * M * 4)))
 
 
+def in_chunks(q: torch.Tensor, block_size: int) -> bool:
+    """Whether a call on q selects in more than one chunk (the vertical/slash detector aside)."""
+    M = ku.cdiv(q.shape[2], block_size)
+    return chunk_rows(q.shape[0], q.shape[1], M) < M
+
+
+def _chunk(q: torch.Tensor, config: FlashPrefillConfig) -> tuple[int, int]:
+    """(M, query blocks per chunk of this call): one chunk with the vertical/slash detector,
+    which adds blocks to whole rows of the selection."""
+    M = cdiv_blocks(q, config)
+    return M, M if config.vertical_slash else chunk_rows(q.shape[0], q.shape[1], M)
+
+
+def _search_rows(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig,
+                 kmean: torch.Tensor | None, rows: tuple[int, int, int],
+                 with_mass: bool = False) -> Selection:
+    """The Triton search of the query blocks ``rows`` (start, step, n), without the
+    vertical/slash detector (which needs whole rows: ``select``)."""
+    from .kernels.pattern_search import pattern_search
+
+    num, idx, *mass = pattern_search(
+        q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
+        config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
+        mass_floor=config.mass_floor, return_mass=with_mass, rows=rows)
+    return Selection(num, idx, mass[0] if mass else None)
+
+
 def dense_groups(num: torch.Tensor, num_kv_heads: int, dense_above: float,
                  rows: tuple[int, int, int] | None = None) -> torch.Tensor:
     """(B, Hkv) bool, on num's device: the kv groups that run dense.
@@ -198,6 +225,13 @@ def dense_groups(num: torch.Tensor, num_kv_heads: int, dense_above: float,
     return flags | (flags.float().mean() > MOSTLY_DENSE)
 
 
+def dense_groups_of(num: torch.Tensor, num_kv_heads: int, dense_above: float) -> torch.Tensor:
+    """``dense_groups`` from a whole selection's kv_num_blocks (B, H, M): read at the probe
+    rows, as ``probe`` reads them."""
+    rows = probe_rows(num.shape[-1])
+    return dense_groups(num[..., rows[0]::rows[1]], num_kv_heads, dense_above, rows)
+
+
 def probe(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig,
           kmean: torch.Tensor | None = None, ahead: Optional[Callable] = None):
     """The dense decision, on the host: ((B, Hkv) bool flags, ahead() or None).
@@ -208,13 +242,8 @@ def probe(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillCo
     so the GPU works through the host's wait: a sparse call loses only the probe (about
     PROBE_ROWS / M of the search), a dense call the probe and ``ahead``'s work.
     """
-    from .kernels.pattern_search import pattern_search
-
     rows = probe_rows(cdiv_blocks(q, config))
-    num, _ = pattern_search(
-        q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
-        config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
-        mass_floor=config.mass_floor, rows=rows)
+    num = _search_rows(q, k, scale, config, kmean, rows).num
     flags_dev = dense_groups(num, k.shape[1], config.dense_above, rows)
     ready = None
     if q.device.type == "cuda":
@@ -240,18 +269,10 @@ def first_selection(q: torch.Tensor, k: torch.Tensor, scale: float,
                     ) -> Selection:
     """The selection ``sparse_chunks`` starts with: the whole one when it fits one chunk, else
     the first chunk's (query blocks 0 .. chunk_rows - 1)."""
-    from .kernels.pattern_search import pattern_search
-
-    B, H = q.shape[:2]
-    M = cdiv_blocks(q, config)
-    step = M if config.vertical_slash else chunk_rows(B, H, M)
+    M, step = _chunk(q, config)
     if step >= M:
         return select(q, k, scale, config, kmean=kmean, with_mass=with_mass)
-    num, idx, *mass = pattern_search(
-        q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
-        config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
-        mass_floor=config.mass_floor, return_mass=with_mass, rows=(0, 1, step))
-    return Selection(num, idx, mass[0] if mass else None)
+    return _search_rows(q, k, scale, config, kmean, (0, 1, step), with_mass)
 
 
 def sparse_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -266,13 +287,9 @@ def sparse_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     (the kernel skips them; the caller runs them dense). sel: the whole selection, when the
     caller has it already (it is then used as it is, in one chunk). first: what
     ``first_selection`` returned (the whole selection, or the first chunk's)."""
-    from .kernels.pattern_search import pattern_search
-
-    B, H, S, _ = q.shape
-    M = cdiv_blocks(q, config)
-    # The vertical/slash detector adds blocks to whole rows of the selection: one chunk.
-    step = M if config.vertical_slash or sel is not None else chunk_rows(B, H, M)
-    if step >= M:
+    S = q.shape[2]
+    M, step = _chunk(q, config)
+    if step >= M or sel is not None:
         sel = sel if sel is not None else first
         if sel is None:
             sel = select(q, k, scale, config, kmean=kmean, with_mass=with_mass)
@@ -284,27 +301,24 @@ def sparse_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
 
         kmean = block_means(k, config.block_size, out_dtype=q.dtype)
     out = torch.empty_like(q) if attend else None
-    nums, masses, idx = [], [], None
+    chunks = []
     bs = config.block_size
     for i0 in range(0, M, step):
         n = min(step, M - i0)
         if i0 == 0 and first is not None:
-            num, idx, mass = first.num, first.idx, [first.mass] if with_mass else []
+            chunk = first
         else:
-            num, idx, *mass = pattern_search(
-                q, k, scale, bs, config.alpha, config.sink_blocks, config.window_blocks,
-                config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
-                mass_floor=config.mass_floor, return_mass=with_mass, rows=(i0, 1, n))
-        nums.append(num)
-        masses += mass
+            chunk = _search_rows(q, k, scale, config, kmean, (i0, 1, n), with_mass)
+        chunks.append(chunk)
+        num = chunk.num
         if skip_heads is not None:
             num = num.masked_fill(skip_heads[..., None], 0)
         if attend:
             r0, r1 = i0 * bs, min(S, (i0 + n) * bs)
-            sparse(q[:, :, r0:r1], k, v, scale, config, num, idx, kmean, vmean,
+            sparse(q[:, :, r0:r1], k, v, scale, config, num, chunk.idx, kmean, vmean,
                    out=out[:, :, r0:r1], q_start=r0)
-    return out, Selection(torch.cat(nums, dim=-1), idx,
-                          torch.cat(masses, dim=-1) if with_mass else None)
+    mass = torch.cat([c.mass for c in chunks], dim=-1) if with_mass else None
+    return out, Selection(torch.cat([c.num for c in chunks], dim=-1), chunks[-1].idx, mass)
 
 
 def _runs(flags: torch.Tensor):
@@ -350,15 +364,12 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
         kmean = block_means(k, config.block_size, out_dtype=q.dtype)
     flags = skip = sel = first = None
     if config.dense_above < 1 and not _capturing(q):
-        M = cdiv_blocks(q, config)
-        if config.vertical_slash or (probe_rows(M)[1] == 1
-                                     and chunk_rows(q.shape[0], q.shape[1], M) >= M):
+        M, step = _chunk(q, config)
+        if config.vertical_slash or (probe_rows(M)[1] == 1 and step >= M):
             # The whole selection first, in one chunk, when the probe would read every row
             # anyway, or the vertical/slash blocks (added to whole rows) must count too.
             sel = select(q, k, scale, config, kmean=kmean, with_mass=config.collect_stats)
-            rows = probe_rows(sel.num.shape[-1])
-            flags = dense_groups(sel.num[..., rows[0]::rows[1]], k.shape[1],
-                                 config.dense_above, rows).cpu()
+            flags = dense_groups_of(sel.num, k.shape[1], config.dense_above).cpu()
         else:
             flags, first = probe(q, k, scale, config, kmean, ahead=lambda: first_selection(
                 q, k, scale, config, kmean, config.collect_stats))
@@ -393,9 +404,7 @@ def _run_reference_kernels(q, k, v, scale, config: FlashPrefillConfig, layer: in
     sel = select(q, k, scale, config, with_mass=config.collect_stats)
     flags = None
     if config.dense_above < 1:
-        rows = probe_rows(sel.num.shape[-1])
-        start, step, n = rows
-        flags = dense_groups(sel.num[..., start::step], k.shape[1], config.dense_above, rows)
+        flags = dense_groups_of(sel.num, k.shape[1], config.dense_above)
     skip = None if flags is None else flags.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     if skip is not None and bool(skip.all()):
         out = None
@@ -419,8 +428,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     if q.shape[2] < config.min_seq_len:
         return _sdpa_causal(q, k, v, scale)
     num, idx = ku.compact_mask(select_mask(q, k, scale, config))
-    rows = probe_rows(num.shape[-1])
-    flags = dense_groups(num[..., rows[0]::rows[1]], k.shape[1], config.dense_above, rows)
+    flags = dense_groups_of(num, k.shape[1], config.dense_above)
     out = block_sparse_attention_reference(q, k, v, num, idx, scale, config.block_size,
                                            config.mean_correction)
     if bool(flags.any()):

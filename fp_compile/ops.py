@@ -96,9 +96,7 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # dynamo rejects k/v that are views of one tensor.) The kernels then launch from the
         # op's Python: no host synchronisation, so CUDA graphs still capture it.
         return torch.ops.fp_compile.flash_prefill_eager(q, k, v, *flat)
-    B, H, S = q.shape[:3]
-    M = -(-S // block_size)
-    if dispatch.chunk_rows(B, H, M) < M:
+    if dispatch.in_chunks(q, block_size):
         # A prompt long enough to be selected in chunks (B * H * M * M * 4 bytes of index above
         # dispatch.INDEX_BYTES) runs opaque: traced, the chunks' launches into slices of one
         # output ran into an illegal memory access in Inductor's code on the H200 (run 19),
