@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -109,3 +110,33 @@ def expand_indices(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> tor
     # scatter of a False from an unused slot must not clear a kept block 0
     keep[..., 0] |= (valid & (kv_indices == 0)).any(dim=-1)
     return keep
+
+
+class Span(NamedTuple):
+    """Where a call's queries and valid keys lie: padded batches, cached prefixes, KV buffers.
+
+    p0: int32 (1,) tensor, the key position of query row 0 (queries sit at p0 .. p0 + S_q - 1;
+    bottom-right alignment is p0 = S_kv - S_q). ks, ke: int32 (B,) tensors, the valid keys of
+    batch row b are ks[b] <= j < ke[b]. Key j is visible to query row r of batch row b iff
+    ks[b] <= j < ke[b] and j <= p0 + r; a row that sees no key outputs 0 (SDPA's answer for a
+    fully masked row). All three stay on the device: no host read, CUDA graphs capture them.
+    The caller guarantees 0 <= ks <= ke <= S_kv and 0 <= p0 <= S_kv - S_q.
+    """
+    p0: torch.Tensor
+    ks: torch.Tensor
+    ke: torch.Tensor
+
+
+def span_rows(S_q: int, block_size: int) -> int:
+    """Selection rows of a call with a span: the query blocks p0 // block_size onwards that its
+    queries can touch (one more than ceil(S_q / block_size), as p0 need not be block-aligned)."""
+    return cdiv(S_q, block_size) + 1
+
+
+def span_visible(span: Span, S_q: int, S: int) -> torch.Tensor:
+    """(B, S_q, S) bool: which keys each query row sees (the definition the kernels follow)."""
+    device = span.ks.device
+    rows = span.p0.to(device).long().reshape(()) + torch.arange(S_q, device=device)
+    cols = torch.arange(S, device=device)
+    valid = (cols >= span.ks.long()[:, None]) & (cols < span.ke.long()[:, None])   # (B, S)
+    return valid[:, None, :] & (cols[None, :] <= rows[:, None])[None]
