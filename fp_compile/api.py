@@ -17,17 +17,31 @@ __all__ = ["BlockSelection", "check_inputs", "flash_prefill", "select_blocks"]
 
 def flash_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                   scale: float | None = None, enable_gqa: bool = False,
-                  config: FlashPrefillConfig | None = None) -> torch.Tensor:
+                  config: FlashPrefillConfig | None = None,
+                  key_mask: torch.Tensor | None = None, q_pos: torch.Tensor | None = None,
+                  return_lse: bool = False):
     """FlashPrefill causal attention, with ``F.scaled_dot_product_attention``'s conventions.
 
     Equivalent to ``F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
     enable_gqa=enable_gqa)`` up to the blocks the pattern search drops.
-    q (B, H, S, D); k, v (B, Hkv, S, D); returns (B, H, S, D) in q's dtype.
+    q (B, H, S_q, D); k, v (B, Hkv, S_kv, D); returns (B, H, S_q, D) in q's dtype.
+
+    Beyond the textbook call (``spans``): S_q < S_kv puts the queries at the last S_q key
+    positions (a cached prefix; bottom-right causal alignment); ``q_pos`` (S_q,) consecutive
+    positions put them elsewhere (a static cache buffer longer than the prompt);
+    ``key_mask`` (B, S_kv), nonzero where a key is valid (a padded batch's attention_mask:
+    one contiguous run per row). Rows that see no key give 0, as SDPA does.
+    ``return_lse``: return (out, lse), lse (B, H, S_q) fp32 the natural log-sum-exp of each
+    row's scores, to merge results computed over parts of the keys.
     """
     config = config or FlashPrefillConfig()
+    span = key_mask is not None or q_pos is not None or return_lse or q.shape[2] != k.shape[2]
     # plain comparisons (provable=False): dynamo traces them when flash_prefill is compiled
-    check_inputs(q, k, v, enable_gqa=enable_gqa, provable=False)
-    return torch.ops.fp_compile.flash_prefill(q, k, v, scale, *op_config_args(config))
+    check_inputs(q, k, v, enable_gqa=enable_gqa, provable=False, span=span)
+    args = (q, k, v, scale, *op_config_args(config), -1, key_mask, q_pos)
+    if return_lse:
+        return torch.ops.fp_compile.flash_prefill_lse(*args)
+    return torch.ops.fp_compile.flash_prefill(*args)
 
 
 @dataclass(frozen=True)

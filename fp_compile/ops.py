@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch.library import custom_op, triton_op
 
-from . import dispatch
+from . import dispatch, spans
 from .config import FlashPrefillConfig
 from .passes.eligibility import check_inputs
 
@@ -50,20 +50,56 @@ def flash_prefill_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         kernel: str, mean_correction: bool, gqa_shared: bool,
                         collect_stats: bool, vertical_slash: bool = False,
                         vs_threshold: float = 0.015, mass_floor: float = 0.0,
-                        dense_above: float = 1.0, layer: int = -1) -> torch.Tensor:
+                        dense_above: float = 1.0, layer: int = -1,
+                        key_mask: Optional[torch.Tensor] = None,
+                        q_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
     config = _config(block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
                      min_seq_len, kernel, mean_correction, gqa_shared, collect_stats,
                      vertical_slash, vs_threshold, mass_floor, dense_above)
     # The fake kernel promises a contiguous output; the reference (and SDPA for short prompts)
     # follow q's layout, which is a transposed view in most models.
+    if has_span(q, k, key_mask, q_pos):
+        return spans.run(q, k, v, scale, config, layer, key_mask, q_pos).contiguous()
     return dispatch.run(q, k, v, scale, config, layer).contiguous()
 
 
+def has_span(q, k, key_mask, q_pos) -> bool:
+    """Whether a call goes through ``spans`` (a key mask, query positions, or S_q < S_kv)."""
+    return key_mask is not None or q_pos is not None or q.shape[2] != k.shape[2]
+
+
 @flash_prefill_eager.register_fake
-def _(q, k, v, *args, **kwargs):
+def _(q, k, v, *args, key_mask=None, q_pos=None, **kwargs):
     # The eager checks, so a bad call under torch.compile fails with the eager message.
-    check_inputs(q, k, v, provable=False)
+    check_inputs(q, k, v, provable=False, span=has_span(q, k, key_mask, q_pos))
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@custom_op("fp_compile::flash_prefill_lse", mutates_args=())
+def flash_prefill_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      scale: Optional[float], block_size: int, alpha: float, sink_blocks: int,
+                      window_blocks: int, last_dense_blocks: int, min_seq_len: int,
+                      kernel: str, mean_correction: bool, gqa_shared: bool,
+                      collect_stats: bool, vertical_slash: bool = False,
+                      vs_threshold: float = 0.015, mass_floor: float = 0.0,
+                      dense_above: float = 1.0, layer: int = -1,
+                      key_mask: Optional[torch.Tensor] = None,
+                      q_pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """flash_prefill that also returns the log-sum-exp per query row, (B, H, S_q) fp32 (natural
+    log; -inf for a row that sees no key), so results over parts of the keys can be merged.
+    Always runs the span dispatch (no dense fallback per kv group; see ``spans``)."""
+    config = _config(block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
+                     min_seq_len, kernel, mean_correction, gqa_shared, collect_stats,
+                     vertical_slash, vs_threshold, mass_floor, dense_above)
+    out, lse = spans.run(q, k, v, scale, config, layer, key_mask, q_pos, return_lse=True)
+    return out.contiguous(), lse.contiguous()
+
+
+@flash_prefill_lse.register_fake
+def _(q, k, v, *args, **kwargs):
+    check_inputs(q, k, v, provable=False, span=True)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[:3], dtype=torch.float32))
 
 
 @triton_op("fp_compile::flash_prefill", mutates_args=())
@@ -73,17 +109,33 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mean_correction: bool, gqa_shared: bool,
                      collect_stats: bool, vertical_slash: bool = False,
                      vs_threshold: float = 0.015, mass_floor: float = 0.0,
-                     dense_above: float = 1.0, layer: int = -1) -> torch.Tensor:
+                     dense_above: float = 1.0, layer: int = -1,
+                     key_mask: Optional[torch.Tensor] = None,
+                     q_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
     """FlashPrefill causal attention. q (B, H, S, D); k, v (B, Hkv, S, D); returns (B, H, S, D).
 
     ``layer`` is the layer number the pass gave this SDPA call (-1: unknown), for stats.
+    ``key_mask`` (B, S_kv) (nonzero: valid key) and ``q_pos`` (S_q,) (the queries' key
+    positions; default the last S_q) make it a call with a span (``spans``): padded batches,
+    a cached prefix (S_q < S_kv), a static cache buffer.
     The config fields' defaults in the schema are the paper's rule (guards off), so programs
     saved before a field existed run as they did.
     """
-    check_inputs(q, k, v, provable=False)
+    span = has_span(q, k, key_mask, q_pos)
+    check_inputs(q, k, v, provable=False, span=span)
     flat = (scale, block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
             min_seq_len, kernel, mean_correction, gqa_shared, collect_stats, vertical_slash,
             vs_threshold, mass_floor, dense_above, layer)
+    if span:
+        # No dense fallback per group here (see spans), so nothing needs the host: on CUDA
+        # with a static length the span dispatch is traced and its kernels land in Inductor's
+        # code; elsewhere it runs in the opaque op.
+        if (q.device.type != "cuda" or kernel == "reference" or collect_stats
+                or not isinstance(q.shape[2] < min_seq_len, bool)
+                or not isinstance(k.shape[2] < min_seq_len, bool)):
+            return torch.ops.fp_compile.flash_prefill_eager(q, k, v, *flat, key_mask=key_mask,
+                                                            q_pos=q_pos)
+        return spans.run(q, k, v, scale, _config(*flat[1:-1]), layer, key_mask, q_pos)
     if q.device.type != "cuda" or kernel == "reference" or collect_stats or dense_above < 1:
         # (dense_above < 1: the dense fallback decides on the host, which needs concrete
         # tensors: the whole call runs in the opaque op, its kernels launched from Python.)

@@ -32,6 +32,9 @@ class LayerStats:
     ``head_mass`` (H,): the lowest estimated kept mass of any query block of the head (the
     mass guard holds it above ``mass_floor``; 1.0 when not measured). ``dense_heads`` (H,):
     heads whose kv group ran dense attention because its density was above ``dense_above``.
+    ``form``: "plain", or how a call with a span came about ("padded", "offset", "cache
+    buffer", joined by " + "); its density counts only the blocks a row could keep (valid
+    keys, at or before the row's own position).
     """
 
     prefill: int
@@ -44,6 +47,7 @@ class LayerStats:
     head_density: tuple[float, ...]
     head_mass: tuple[float, ...] = ()
     dense_heads: tuple[bool, ...] = ()
+    form: str = "plain"
 
     @property
     def density(self) -> float:
@@ -84,7 +88,8 @@ class StatsTable:
         return [dict(prefill=r.prefill, layer=r.layer, seq_len=r.seq_len, batch=r.batch,
                      block_size=r.block_size, alpha=r.alpha, sparse=r.sparse,
                      density=r.density, head_density=list(r.head_density),
-                     head_mass=list(r.head_mass), dense_heads=list(r.dense_heads))
+                     head_mass=list(r.head_mass), dense_heads=list(r.dense_heads),
+                     form=r.form)
                 for r in self.rows]
 
     def __str__(self) -> str:
@@ -93,12 +98,14 @@ class StatsTable:
         lines = [f"{'prefill':>7} {'layer':>5} {'seq_len':>8} {'alpha':>6} {'mode':>6} "
                  f"{'density':>8} {'min mass':>8} {'dense h':>7}  per-head density "
                  "(* ran dense)"]
+        spans = any(r.form != "plain" for r in self.rows)
         for r in self.rows:
             heads = " ".join(f"{d:.2f}" + ("*" if r.dense_heads and r.dense_heads[h] else "")
                              for h, d in enumerate(r.head_density))
             lines.append(f"{r.prefill:>7} {r.layer:>5} {r.seq_len:>8} {r.alpha:>6.3g} "
                          f"{'sparse' if r.sparse else 'dense':>6} {r.density:>8.3f} "
-                         f"{r.min_mass:>8.3f} {r.n_dense_heads:>7}  {heads}")
+                         f"{r.min_mass:>8.3f} {r.n_dense_heads:>7}  {heads}"
+                         + (f"  [{r.form}]" if spans else ""))
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -119,14 +126,20 @@ def reset_stats() -> None:
 
 def record(layer: int, seq_len: int, batch: int, block_size: int, alpha: float,
            kv_num_blocks: torch.Tensor | None, num_heads: int, *,
-           mass: torch.Tensor | None = None, dense_heads: torch.Tensor | None = None) -> None:
+           mass: torch.Tensor | None = None, dense_heads: torch.Tensor | None = None,
+           candidates: torch.Tensor | None = None, form: str = "plain") -> None:
     """Store one call. ``kv_num_blocks`` (B, H, M) from the pattern search, None for a dense run;
     ``mass`` (B, H, M) the estimated kept mass per query block; ``dense_heads`` (H,) bool.
+    A call with a span: ``kv_num_blocks`` (B, H, n) and ``candidates`` (B, n), the blocks each
+    row could keep; ``form`` how the span came about.
 
     A new prefill starts when a layer number repeats.
     """
     if kv_num_blocks is None:
         heads = (1.0,) * num_heads
+    elif candidates is not None:
+        possible = candidates.double().sum().clamp_min(1)
+        per_head = kv_num_blocks.double().sum(dim=(0, 2)) / possible
     else:
         M = kv_num_blocks.shape[-1]
         per_head = kv_num_blocks.double().sum(-1).mean(0) / (M * (M + 1) / 2)
@@ -140,7 +153,7 @@ def record(layer: int, seq_len: int, batch: int, block_size: int, alpha: float,
             _prefill["seen"] = set()
         _prefill["seen"].add(layer)
         row = LayerStats(_prefill["index"], layer, seq_len, batch, block_size, alpha,
-                         kv_num_blocks is not None, heads, head_mass, dense)
+                         kv_num_blocks is not None, heads, head_mass, dense, form)
         _rows.append(row)
     log.debug("flashprefill layer %d: S=%d %s density %.3f", layer, seq_len,
               "sparse" if row.sparse else "dense", row.density)

@@ -120,11 +120,13 @@ def _int_constants(arg) -> list[int]:
     return [abs(arg)] if isinstance(arg, int) and not isinstance(arg, bool) else []
 
 
-def _mask_subgraph(mask: torch.fx.Node):
+def _mask_subgraph(mask: torch.fx.Node, data: Optional[set] = None):
     """The mask's ancestry: (nodes in graph order, size leaves). Raises unless it reads sizes only.
 
     Leaves are size symbols (SymInt placeholders) and nodes reading a tensor's sizes; every other
-    ancestor must be a pure, deterministic call.
+    ancestor must be a pure, deterministic call. ``data``: a set that collects tensor inputs
+    (placeholders) as leaves too, instead of refusing them (the span prover gives them trial
+    values).
     """
     seen, leaves, todo = {mask}, set(), [mask]
     while todo:
@@ -133,6 +135,10 @@ def _mask_subgraph(mask: torch.fx.Node):
         if (node.op == "placeholder" and (_is_sym(value) or is_python_number(value))) or (
                 _reads_sizes(node)):
             leaves.add(node)
+            continue
+        if data is not None and node.op == "placeholder" and isinstance(value, torch.Tensor):
+            leaves.add(node)
+            data.add(node)
             continue
         if node.op not in ("call_function", "call_method"):
             raise _NotFromSizes(node.op)            # a tensor input, a buffer, a submodule
@@ -171,10 +177,13 @@ def _check_not_mutated(mask: torch.fx.Node, nodes, leaves) -> None:
                 raise _NotFromSizes(f"written by {node.name}")
 
 
-def _evaluate(nodes, leaves, subs: dict):
-    """Run the mask's subgraph eagerly, its size leaves set to concrete sizes."""
-    env = {}
+def _evaluate(nodes, leaves, subs: dict, values: Optional[dict] = None):
+    """Run the mask's subgraph eagerly, its size leaves set to concrete sizes (and its tensor
+    leaves to ``values``)."""
+    env = dict(values or {})
     for node in nodes:
+        if node in env:
+            continue
         if node in leaves:
             env[node] = _concrete(meta_value(node), subs)
             continue
@@ -264,5 +273,5 @@ def causal_mask_reason(mask: torch.fx.Node, q, k) -> Optional[str]:
 
 def mask_chain(mask: torch.fx.Node) -> tuple:
     """The mask's pure ancestry, outermost first: the pass erases it once nothing uses it."""
-    nodes, _ = _mask_subgraph(mask)
+    nodes, _ = _mask_subgraph(mask, set())
     return tuple(n for n in reversed(nodes) if n.op != "placeholder")

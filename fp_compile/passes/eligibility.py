@@ -53,13 +53,16 @@ def _guarded_divisible(a, b) -> bool:
     return bool(a % b == 0)
 
 
-def input_problems(q, k, v=None, *, gqa: bool, provable: bool = True) -> Iterator[Problem]:
+def input_problems(q, k, v=None, *, gqa: bool, provable: bool = True,
+                   span: bool = False) -> Iterator[Problem]:
     """The rules flash_prefill's inputs break, in checking order (lazily: stop at the first).
 
     q (B, H, S_q, D); k, v (B, Hkv, S_kv, D); ``v`` None checks q and k only (``select_blocks``);
     ``gqa``: H != Hkv is allowed (``enable_gqa``, or a head repeat the pass folded away).
     ``provable``: symbolic sizes must be provably right (the passes); False evaluates them,
-    guarding as torch.compile does (the op's own checks).
+    guarding as torch.compile does (the op's own checks). ``span``: the call has a span
+    (a key mask, query positions or queries at the end of a longer k / v), so S_q <= S_kv
+    is the rule instead of S_q == S_kv.
     """
     known_eq = _known_eq if provable else _guarded_eq
     known_divisible = _known_divisible if provable else _guarded_divisible
@@ -94,7 +97,14 @@ def input_problems(q, k, v=None, *, gqa: bool, provable: bool = True) -> Iterato
             yield Problem("head dims differ", ValueError,
                           f"head dim of {name} ({t.shape[-1]}) differs from query "
                           f"({q.shape[-1]})")
-        if not known_eq(t.shape[2], q.shape[2]):
+        if span:
+            if name == "key" and not _le(q.shape[2], t.shape[2], provable):
+                yield Problem("S_q > S_kv", ValueError,
+                              f"query has {q.shape[2]} tokens but key only {t.shape[2]}")
+            elif name == "value" and not known_eq(t.shape[2], k.shape[2]):
+                yield Problem("key and value lengths differ", ValueError,
+                              f"key has {k.shape[2]} tokens, value {t.shape[2]}")
+        elif not known_eq(t.shape[2], q.shape[2]):
             # key checked first: by the value, S_q == S_kv holds, so only k and v disagree
             reason = (_length_reason(q.shape[2], t.shape[2]) if name == "key"
                       else "key and value lengths differ")
@@ -117,26 +127,38 @@ def input_problems(q, k, v=None, *, gqa: bool, provable: bool = True) -> Iterato
         yield Problem("empty sequence (S 0)", ValueError, "sequence length must be at least 1")
 
 
+def _le(a, b, provable: bool) -> bool:
+    """a <= b: evaluated with a guard (the op), or, in the pass, not known to be false: the
+    masks a span is proven from (a cache's keys, a buffer's rows) hold at least S_q keys, and
+    the op's own check raises a ValueError naming the lengths where they do not."""
+    if not provable:
+        return bool(a <= b)
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return not statically_known_true(a > b)
+
+
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor] = None, *,
-                 enable_gqa: bool = True, provable: bool = True) -> None:
+                 enable_gqa: bool = True, provable: bool = True, span: bool = False) -> None:
     """Raise TypeError/ValueError naming the problem for inputs the op cannot take.
 
     q (B, H, S, D); k, v (B, Hkv, S, D); ``v`` may be omitted (the pattern search reads q, k).
     ``provable=False``: symbolic sizes are evaluated with guards (the op's fake kernel).
     """
-    for problem in input_problems(q, k, v, gqa=enable_gqa, provable=provable):
+    for problem in input_problems(q, k, v, gqa=enable_gqa, provable=provable, span=span):
         raise problem.error(f"flash_prefill: {problem.message}")
 
 
 def sdpa_skip_reason(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                      enable_gqa=False, *, gqa_folded: bool = False,
-                     check_grad: bool = True) -> Optional[str]:
+                     check_grad: bool = True, span: bool = False) -> Optional[str]:
     """Why an SDPA call with these (fake) arguments cannot become flash_prefill; None if it can.
 
     q (B, H, S_q, D); k, v (B, Hkv, S_kv, D). ``gqa_folded``: k/v are the un-repeated tensors of
     a head repeat folded away by the pass, so H != Hkv is grouped-query attention even without
     ``enable_gqa``. ``check_grad``: refuse inputs that require grad (the op has no backward;
-    export graphs are inference graphs and pass False).
+    export graphs are inference graphs and pass False). ``span``: S_q <= S_kv suffices (the
+    caller proved a mask that gives the op its span).
     """
     if attn_mask is not None:
         return "attn_mask given"
@@ -148,7 +170,7 @@ def sdpa_skip_reason(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
         return f"dropout_p={dropout_p} (training)"
     if scale is not None and not is_python_number(scale):
         return "scale is not a constant"
-    for problem in input_problems(q, k, v, gqa=bool(enable_gqa or gqa_folded)):
+    for problem in input_problems(q, k, v, gqa=bool(enable_gqa or gqa_folded), span=span):
         return problem.reason
     if check_grad and any(t.requires_grad for t in (q, k, v)):
         return "requires grad"

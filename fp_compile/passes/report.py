@@ -12,6 +12,7 @@ class Rewritten(NamedTuple):
     q_shape: tuple
     kv_shape: tuple    # shape of the k/v the op receives (after folding a head repeat)
     folded: str        # "" or what was folded away ("expand+reshape", "causal attn_mask", ...)
+    form: str = "plain"  # or the call's span: "padded", "offset", "padded + offset"
 
 
 class Skipped(NamedTuple):
@@ -53,7 +54,8 @@ class RewriteReport:
         rows = [("layer", "node", "action", "detail")]
         entries = [(r.layer, r.node, "flash_prefill",
                     f"q {_fmt_shape(r.q_shape)} kv {_fmt_shape(r.kv_shape)}"
-                    + (f" (folded {r.folded})" if r.folded else "")) for r in self.rewritten]
+                    + (f" (folded {r.folded})" if r.folded else "")
+                    + (f" [{r.form}]" if r.form != "plain" else "")) for r in self.rewritten]
         entries += [(s.layer, s.node, "dense", s.reason) for s in self.skipped]
         rows += [(str(layer), node, action, detail)
                  for layer, node, action, detail in sorted(entries, key=lambda e: e[0])]

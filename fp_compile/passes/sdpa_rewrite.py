@@ -30,6 +30,7 @@ from .fx_utils import known_eq, meta_value, meta_values, normalize_sdpa_args, pl
 from .gqa_fold import unrepeated
 from .layers import layer_numbers
 from .report import Rewritten, RewriteReport, Skipped
+from .span_mask import span_mask_reason
 
 # The README's promise: decisions are logged under "fp_compile" (INFO per graph, DEBUG per skip).
 log = logging.getLogger("fp_compile")
@@ -59,6 +60,9 @@ class RewritePlan:
     folded: str
     q_shape: tuple
     kv_shape: tuple
+    key_mask: Optional[torch.fx.Node] = None   # the padding mask the op takes (a span call)
+    q_pos: Optional[torch.fx.Node] = None      # the queries' positions (a cache buffer)
+    form: str = "plain"
 
 
 Decision = Union[Skip, RewritePlan]
@@ -86,19 +90,35 @@ def _plan(node: torch.fx.Node, layer: int, config: FlashPrefillConfig,
                               values["is_causal"], values["scale"], values["enable_gqa"],
                               gqa_folded=bool(chains))
     mask = args["attn_mask"]
+    key_mask = q_pos = None
+    form = "plain"
     if (reason == "attn_mask given" and values["is_causal"] is False
             and isinstance(mask, torch.fx.Node)):
-        # the call as if is_causal=True without the mask: eligible if the mask is the causal one
-        if sdpa_skip_reason(q, k, v, None, values["dropout_p"], True, values["scale"],
-                            values["enable_gqa"], gqa_folded=bool(chains)) is None:
-            mask_reasons = {} if mask_reasons is None else mask_reasons
-            key = (mask, plain_shape(q.shape), plain_shape(k.shape))
-            if key not in mask_reasons:
-                mask_reasons[key] = causal_mask_reason(mask, q, k)
-            reason = mask_reasons[key]
-            if reason is None:
-                chains += (mask_chain(mask),)
-                folded = ", ".join(filter(None, (folded, "causal attn_mask")))
+        mask_reasons = {} if mask_reasons is None else mask_reasons
+        key = (mask, plain_shape(q.shape), plain_shape(k.shape))
+
+        def eligible(span: bool) -> Optional[str]:
+            # the call as if is_causal=True without the mask
+            return sdpa_skip_reason(q, k, v, None, values["dropout_p"], True, values["scale"],
+                                    values["enable_gqa"], gqa_folded=bool(chains), span=span)
+
+        base = eligible(False)
+        if base is None:                        # S_q == S_kv: the plain causal mask?
+            if ("causal",) + key not in mask_reasons:
+                mask_reasons[("causal",) + key] = causal_mask_reason(mask, q, k)
+            reason = mask_reasons[("causal",) + key]
+        if reason is not None and eligible(True) is None:
+            # a padded batch or queries at the end of a cache: a call with a span
+            if ("span",) + key not in mask_reasons:
+                mask_reasons[("span",) + key] = span_mask_reason(mask, q, k)
+            span_reason, proven = mask_reasons[("span",) + key]
+            if proven is not None:
+                reason, key_mask, q_pos, form = None, *proven
+            elif base is not None or reason == "attn_mask given":
+                reason = span_reason
+        if reason is None:
+            chains += (mask_chain(mask),)
+            folded = ", ".join(filter(None, (folded, "causal attn_mask")))
     if reason is None and chains:
         # the gradient check must see the tensors SDPA saw, not only the folded bases
         original = meta_values(args)
@@ -109,8 +129,13 @@ def _plan(node: torch.fx.Node, layer: int, config: FlashPrefillConfig,
     layer_config = config.for_layer(layer)
     if layer_config is None:
         return Skip("dense layer")
+    if key_mask is not None or form not in ("plain", "causal"):
+        for name in ("mean_correction", "vertical_slash"):
+            if getattr(layer_config, name):
+                return Skip(f"{form} call: {name} is not supported with a span")
     return RewritePlan(layer_config, args["query"], k_node, v_node, args["scale"], chains,
-                       folded, plain_shape(q.shape), plain_shape(k.shape))
+                       folded, plain_shape(q.shape), plain_shape(k.shape), key_mask, q_pos,
+                       "plain" if form == "causal" else form)
 
 
 def _replace(graph: torch.fx.Graph, node: torch.fx.Node, layer: int,
@@ -118,8 +143,10 @@ def _replace(graph: torch.fx.Graph, node: torch.fx.Node, layer: int,
     """Put the op in ``node``'s place, then erase the folded chains that became unused."""
     op = torch.ops.fp_compile.flash_prefill.default
     with graph.inserting_before(node):
+        span = ({} if plan.key_mask is None and plan.q_pos is None
+                else {"key_mask": plan.key_mask, "q_pos": plan.q_pos})
         new = graph.call_function(op, (plan.query, plan.key, plan.value, plan.scale,
-                                       *op_config_args(plan.layer_config), layer))
+                                       *op_config_args(plan.layer_config), layer), span)
     try:
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
@@ -133,7 +160,7 @@ def _replace(graph: torch.fx.Graph, node: torch.fx.Node, layer: int,
             if dead not in erased and not dead.users:
                 graph.erase_node(dead)
                 erased.add(dead)
-    return Rewritten(node.name, layer, plan.q_shape, plan.kv_shape, plan.folded)
+    return Rewritten(node.name, layer, plan.q_shape, plan.kv_shape, plan.folded, plan.form)
 
 
 def rewrite_sdpa(gm: torch.fx.GraphModule,
