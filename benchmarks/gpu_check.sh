@@ -3,11 +3,12 @@
 # add up to under 10 minutes), a short table last. Full logs and results go under $OUT (or
 # ./gpu_out), packed into results.tgz.
 #   bash benchmarks/gpu_check.sh                 # tests bench demo
-#   bash benchmarks/gpu_check.sh tests bench     # some parts: tests bench guards scale accuracy demo
+#   bash benchmarks/gpu_check.sh tests bench     # some parts: tests bench guards spans scale accuracy demo
 # Extra arguments for bench_attention.py go in $BENCH_ARGS. Each part has a time limit
-# (TEST_TIMEOUT, BENCH_TIMEOUT, GUARDS_TIMEOUT, SCALE_TIMEOUT, ACC_TIMEOUT, DEMO_TIMEOUT seconds) so one call
-# fits in 10 minutes. GUARDS_ARGS / SCALE_ARGS: extra arguments for bench_guards.py /
-# bench_scale.py.
+# (TEST_TIMEOUT, BENCH_TIMEOUT, GUARDS_TIMEOUT, SPANS_TIMEOUT, SCALE_TIMEOUT, ACC_TIMEOUT,
+# DEMO_TIMEOUT seconds) so one call
+# fits in 10 minutes. GUARDS_ARGS / SPANS_ARGS / SCALE_ARGS: extra arguments for
+# bench_guards.py / bench_spans.py / bench_scale.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -40,6 +41,13 @@ if has guards; then
     ${GUARDS_ARGS:-} > "$OUT/guards.log" 2>&1
   summary+=("guards: exit $?")
   tail -32 "$OUT/guards.log"
+fi
+if has spans; then
+  # shellcheck disable=SC2086
+  timeout "${SPANS_TIMEOUT:-240}" python3 benchmarks/bench_spans.py \
+    --out "$OUT/bench_spans.json" ${SPANS_ARGS:-} > "$OUT/spans.log" 2>&1
+  summary+=("spans: exit $?")
+  tail -40 "$OUT/spans.log"
 fi
 if has scale; then
   # shellcheck disable=SC2086

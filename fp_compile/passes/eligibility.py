@@ -98,7 +98,9 @@ def input_problems(q, k, v=None, *, gqa: bool, provable: bool = True,
                           f"head dim of {name} ({t.shape[-1]}) differs from query "
                           f"({q.shape[-1]})")
         if span:
-            if name == "key" and not _le(q.shape[2], t.shape[2], provable):
+            if name == "key" and isinstance(q.shape[2], int) and q.shape[2] == 1 and provable:
+                yield Problem("decode (q_len 1)", ValueError, "decode")   # the pass only
+            elif name == "key" and not _le(q.shape[2], t.shape[2], provable):
                 yield Problem("S_q > S_kv", ValueError,
                               f"query has {q.shape[2]} tokens but key only {t.shape[2]}")
             elif name == "value" and not known_eq(t.shape[2], k.shape[2]):
