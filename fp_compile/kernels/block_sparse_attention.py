@@ -101,17 +101,20 @@ def _masked_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale, cols, of
 
 @triton.jit
 def _span_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale, start_n, offs_n, ks, ke,
-               BLOCK_N: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """A key tile before every row of the query tile, under a span's valid keys [ks, ke):
-    unmasked when all its keys are valid (one scalar test), masked when some are, skipped
-    when none is."""
-    if (start_n >= ks) & (start_n + BLOCK_N <= ke):
-        acc, m_i, l_i = _visible_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale,
-                                      PAD_D, DOT_PRECISION)
-    elif (start_n < ke) & (start_n + BLOCK_N > ks):
-        acc, m_i, l_i = _masked_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale,
-                                     start_n + offs_n, offs_n, ks, ke, False, True,
-                                     DOT_PRECISION)
+    skipped when none of its keys is valid; one dot, whose logits are masked only when the
+    tile crosses ks or ke (one scalar test), so full tiles pay no mask."""
+    if (start_n < ke) & (start_n + BLOCK_N > ks):
+        cols = start_n + offs_n
+        col_ok = (cols >= ks) & (cols < ke)
+        kv_mask = col_ok[:, None] & kv_d_mask
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if (start_n < ks) | (start_n + BLOCK_N > ke):
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, True)
     return acc, m_i, l_i
 
 
@@ -209,7 +212,7 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
         if SPAN:
             acc, m_i, l_i = _span_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
                                        v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
-                                       start_n, offs_n, ks, ke, BLOCK_N, PAD_D, DOT_PRECISION)
+                                       start_n, offs_n, ks, ke, BLOCK_N, DOT_PRECISION)
         else:
             acc, m_i, l_i = _visible_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
                                           v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
@@ -228,7 +231,7 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
         if SPAN:
             acc, m_i, l_i = _span_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
                                        v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
-                                       start_n, offs_n, ks, ke, BLOCK_N, PAD_D, DOT_PRECISION)
+                                       start_n, offs_n, ks, ke, BLOCK_N, DOT_PRECISION)
         else:
             acc, m_i, l_i = _visible_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
                                           v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
