@@ -4,7 +4,8 @@ defines what it computes:
 * ``block_means``: mean key (and value) of every key block;
 * ``pattern_search``: the block selection (scores, threshold, compaction) and the reference of
   the whole selection rule;
-* ``block_sparse_attention``: online-softmax attention over the kept blocks;
+* ``block_sparse_attention``: online-softmax attention over the kept blocks (its reference in
+  ``block_sparse_reference``);
 * ``vertical_slash``: the heavy column / diagonal detector (plain torch for now);
 * ``utils``: sizes, dtypes and selection layouts shared by all of them.
 

@@ -1,6 +1,6 @@
 """Triton block-sparse flash-attention forward of FlashPrefill.
 
-Computes exactly ``block_sparse_attention_reference`` (below): causal softmax attention of
+Computes exactly ``block_sparse_attention_reference`` (block_sparse_reference.py): causal softmax attention of
 every query row over the key blocks its query block keeps (FlexAttention's compact BlockMask
 layout), optionally with FlashPrefill V2's mean correction.
 
@@ -21,6 +21,11 @@ exp2 form (scale * log2(e) folded into one multiply) and walks, in this order:
    online softmax. The kept mask of a chunk of blocks is rebuilt from the sorted kept list
    with a sliding window of BLOCK_J entries (a chunk can hold at most BLOCK_J kept entries).
 
+With a span (padded batch rows, queries at an offset p0): query tiles are absolute (none
+straddles two selection blocks), each key sub-tile of steps 1-2 is tested once against the
+row's valid keys [ks, ke) and masked only when it crosses their bounds; rows that see no key
+give 0. Optionally each row's log-sum-exp is written (for merging partial results).
+
 Entries of a kept list at or after the diagonal other than the diagonal itself are ignored,
 as in the reference. Query head h reads kv head h // (H // Hkv); k and v are never copied.
 Dots take q's dtype with fp32 accumulation; fp32 inputs use TF32 only when
@@ -33,9 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_means import block_means, key_block_stats
-from .utils import (LOG2E, acc_dtype, cdiv, check_kernel_dtype, expand_indices, group_view,
-                    interpreting, launcher, rows_per_chunk)
+from .block_means import block_means
+# The reference lives in its own module; importing it from here keeps working.
+from .block_sparse_reference import (block_sparse_attention_reference,  # noqa: F401
+                                     check_span_options)
+from .utils import LOG2E, Span, check_kernel_dtype, interpreting, launcher, span_rows
 
 
 @triton.jit
@@ -74,20 +81,66 @@ def _visible_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale,
 
 
 @triton.jit
+def _masked_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale, cols, offs_m, lo, hi,
+                 CAUSAL: tl.constexpr, SPAN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key tile with masks: keys cols < hi (and cols >= lo with SPAN) and, with CAUSAL,
+    keys at or before the row's position offs_m."""
+    col_ok = cols < hi
+    if SPAN:
+        col_ok = col_ok & (cols >= lo)
+    kv_mask = col_ok[:, None] & kv_d_mask
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    visible = col_ok[None, :]
+    if CAUSAL:
+        visible = (cols[None, :] <= offs_m[:, None]) & visible
+    s = tl.where(visible, s, float("-inf"))
+    return _softmax_update(acc, m_i, l_i, s, v, True)
+
+
+@triton.jit
+def _span_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale, start_n, offs_n, ks, ke,
+               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """A key tile before every row of the query tile, under a span's valid keys [ks, ke):
+    skipped when none of its keys is valid; one dot, whose logits are masked only when the
+    tile crosses ks or ke (one scalar test), so full tiles pay no mask."""
+    if (start_n < ke) & (start_n + BLOCK_N > ks):
+        cols = start_n + offs_n
+        col_ok = (cols >= ks) & (cols < ke)
+        kv_mask = col_ok[:, None] & kv_d_mask
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if (start_n < ks) | (start_n + BLOCK_N > ke):
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, True)
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vmean_ptr,
+                    p0_ptr, ks_ptr, ke_ptr, lse_ptr,
                     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                    sob, soh, sos, sod, snb, snh, snm, sib, sih, sim, sin,
+                    sob, soh, sos, sod, snb, snh, snm, sib, sih, sim, sin, slb, slh, sls,
                     S, SQ, Q0, H, G, qk_scale,
                     D: tl.constexpr, DP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-                    MEAN_CORRECTION: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (B * H, cdiv(SQ, BLOCK_M)); writes out[b, h, tile rows, :D].
+                    MEAN_CORRECTION: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    SPAN: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """Grid (B * H, cdiv(SQ, BLOCK_M) + SPAN); writes out[b, h, tile rows, :D].
 
     q (B, H, SQ, D): the queries at sequence positions Q0 .. Q0 + SQ - 1 (Q0 a multiple of
     BLOCK_SIZE), k / v (B, H // G, S, D), out (B, H, SQ, D), any strides;
     num (B, H, n) and idx (B, H, n, M) int32 for query blocks Q0 // BLOCK_SIZE onwards (strides
     may be 0 to broadcast);
     kmean / vmean contiguous (B, H // G, M, D), read only with MEAN_CORRECTION.
+    SPAN: the queries sit at p0 .. p0 + SQ - 1 instead (p0 = *p0_ptr, any int, Q0 unused) and
+    key j is valid for batch row b iff ks[b] <= j < ke[b] (int32 (B,) at ks_ptr / ke_ptr);
+    query tiles are absolute (tile t starts at (p0 // BLOCK_M + t) * BLOCK_M, so none
+    straddles two selection blocks) and rows outside the call are neither loaded nor stored;
+    rows that see no key write 0. Selection row t is query block p0 // BLOCK_SIZE + t.
+    WRITE_LSE: lse (B, H, SQ) fp32 at lse_ptr gets each row's natural-log LSE (-inf if none).
     """
     tl.static_assert(BLOCK_SIZE % BLOCK_M == 0, "a query tile must lie in one selection block")
     tl.static_assert(BLOCK_SIZE % BLOCK_N == 0, "a key tile must lie in one selection block")
@@ -100,20 +153,30 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     pid_bh = tl.program_id(0)
     # Last query tiles first: they keep the most blocks (last_dense rows keep them all), so
     # starting them first shortens the tail of the launch.
-    start_l = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M   # first row, local
-    start_m = Q0 + start_l                                                # ... and absolute
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
+    if SPAN:
+        q0 = tl.load(p0_ptr)
+        start_m = (q0 // BLOCK_M + tile) * BLOCK_M    # first row, absolute
+        start_l = start_m - q0                         # ... and local (< 0 in the first tile)
+    else:
+        q0 = Q0
+        start_l = tile * BLOCK_M
+        start_m = Q0 + start_l
     i = start_m // BLOCK_SIZE
-    li = i - Q0 // BLOCK_SIZE                                             # row of num / idx
+    li = i - q0 // BLOCK_SIZE                                             # row of num / idx
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     kvh = h // G
 
     offs_l = start_l + tl.arange(0, BLOCK_M)
-    offs_m = Q0 + offs_l
+    offs_m = q0 + offs_l
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DP)
     d_ok = offs_d < D
-    q_mask = (offs_l < SQ)[:, None] & d_ok[None, :]
+    row_ok = offs_l < SQ
+    if SPAN:
+        row_ok = row_ok & (offs_l >= 0)
+    q_mask = row_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + b * sqb + h * sqh + offs_l[:, None].to(tl.int64) * sqs
                 + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
     k_base = k_ptr + b * skb + kvh * skh
@@ -127,6 +190,12 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
 
     num = tl.load(num_ptr + b * snb + h * snh + li * snm)
+    ks = 0
+    ke = S
+    if SPAN:
+        ks = tl.load(ks_ptr + b)
+        ke = tl.minimum(tl.load(ke_ptr + b), S)
+        num = tl.where(start_m < q0 + SQ, num, 0)  # the last tile may hold no row of the call
     idx_row = idx_ptr + b * sib + h * sih + li.to(tl.int64) * sim
     # n_full = number of kept entries before the diagonal; the list is ascending, so trim the
     # entries >= i from its end (normally only the diagonal).
@@ -140,9 +209,14 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     for t in range(0, n_full * SUB):
         j = tl.load(idx_row + (t // SUB) * sin)
         start_n = (j * BLOCK_SIZE + (t % SUB) * BLOCK_N).to(tl.int64)
-        acc, m_i, l_i = _visible_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
-                                      v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
-                                      PAD_D, DOT_PRECISION)
+        if SPAN:
+            acc, m_i, l_i = _span_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
+                                       v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
+                                       start_n, offs_n, ks, ke, BLOCK_N, DOT_PRECISION)
+        else:
+            acc, m_i, l_i = _visible_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
+                                          v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
+                                          PAD_D, DOT_PRECISION)
 
     # 2. The diagonal block, if kept (the first entry at or after i, when it equals i).
     first_after = tl.load(idx_row + n_full * sin, mask=n_full < num, other=-1)
@@ -154,19 +228,19 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     diag_hi = tl.where(first_after == i, tl.minimum(start_m + BLOCK_M, S), diag_lo)
     open_hi = tl.where(first_after == i, mask_lo, diag_lo)
     for start_n in range(diag_lo, open_hi, BLOCK_N):
-        acc, m_i, l_i = _visible_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
-                                      v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
-                                      PAD_D, DOT_PRECISION)
+        if SPAN:
+            acc, m_i, l_i = _span_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
+                                       v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
+                                       start_n, offs_n, ks, ke, BLOCK_N, DOT_PRECISION)
+        else:
+            acc, m_i, l_i = _visible_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
+                                          v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
+                                          PAD_D, DOT_PRECISION)
     for start_n in range(mask_lo, diag_hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < S
-        kv_mask = col_ok[:, None] & kv_d_mask
-        k = tl.load(k_base + start_n * sks + k_tile, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + start_n * svs + v_tile, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        visible = (cols[None, :] <= offs_m[:, None]) & col_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, True)
+        acc, m_i, l_i = _masked_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
+                                     v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
+                                     start_n + offs_n, offs_m, ks, ke, True, SPAN,
+                                     DOT_PRECISION)
 
     # 3. Mean correction: every skipped block j < i as one pseudo-token.
     if MEAN_CORRECTION:
@@ -192,7 +266,15 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
                          float("-inf"))
             acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, vm.to(q.dtype), True)
 
-    # Rows that saw nothing (no kept block) get 0 / 0 = NaN, as the reference's softmax.
+    if WRITE_LSE:
+        # m_i and l_i are in log2 units (qk_scale holds log2(e)); times ln(2) for natural log.
+        # A row that saw nothing has m_i = -inf and l_i = 0: log2(1) keeps its -inf.
+        lse = (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453
+        tl.store(lse_ptr + b * slb + h * slh + offs_l.to(tl.int64) * sls, lse, mask=row_ok)
+    # Rows that saw nothing (no kept block) get 0 / 0 = NaN, as the reference's softmax; with
+    # a span they get 0 (their acc is 0: divide by 1).
+    if SPAN:
+        l_i = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_i[:, None]
     tl.store(o_ptr + b * sob + h * soh + offs_l[:, None].to(tl.int64) * sos
              + offs_d[None, :] * sod, out.to(o_ptr.dtype.element_ty), mask=q_mask)
@@ -264,12 +346,35 @@ def _autotuned_kernel(block_size: int, head_dim_p2: int, elt_bytes: int):
     return _AUTOTUNED[key]
 
 
+def _check_span_and_lse(span: Span | None, lse: torch.Tensor | None, q: torch.Tensor,
+                        kv_num_blocks: torch.Tensor, block_size: int) -> None:
+    """Shapes, dtypes and devices only (metadata): p0, ks, ke are never read here."""
+    B, H, SQ, _ = q.shape
+    if span is not None:
+        p0, ks, ke = span
+        for name, t, shape in (("p0", p0, (1,)), ("ks", ks, (B,)), ("ke", ke, (B,))):
+            if t.dtype != torch.int32 or tuple(t.shape) != shape or t.device != q.device:
+                raise ValueError(f"block_sparse_attention: span.{name} must be an int32 "
+                                 f"{shape} tensor on {q.device}, got {t.dtype} "
+                                 f"{tuple(t.shape)} on {t.device}")
+        rows = span_rows(SQ, block_size)
+        if kv_num_blocks.shape[-1] != rows:
+            raise ValueError(f"block_sparse_attention: a span's selection has span_rows(S_q, "
+                             f"block_size) = {rows} rows, got {kv_num_blocks.shape[-1]}")
+    if lse is not None and (lse.dtype != torch.float32 or tuple(lse.shape) != (B, H, SQ)
+                            or lse.device != q.device):
+        raise ValueError(f"block_sparse_attention: lse must be a float32 {(B, H, SQ)} tensor "
+                         f"on {q.device}, got {lse.dtype} {tuple(lse.shape)} on {lse.device}")
+
+
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
                            scale: float, block_size: int, *, mean_correction: bool = False,
                            kmean: torch.Tensor | None = None, vmean: torch.Tensor | None = None,
                            tile: tuple[int, int, int, int] | None = None,
-                           out: torch.Tensor | None = None, q_start: int = 0) -> torch.Tensor:
+                           out: torch.Tensor | None = None, q_start: int = 0,
+                           span: Span | None = None, lse: torch.Tensor | None = None
+                           ) -> torch.Tensor:
     """Causal attention over the kept key blocks. Returns (B, H, S, D) in q's dtype.
 
     q (B, H, S, D); k, v (B, Hkv, S, D), H % Hkv == 0; any strides; fp16/bf16/fp32 (other
@@ -282,10 +387,20 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q_start: q holds only the queries at positions q_start .. q_start + S_q - 1 of the
     sequence (q_start a multiple of block_size; out is then (B, H, S_q, D)) and kv_num_blocks /
     kv_indices only their query blocks' rows, (B, H, ceil(S_q / block_size)[, M]).
+    span: q (B, H, S_q, D) sits at positions p0 .. p0 + S_q - 1 (any p0, read on the device
+    only) and key j is visible to row r of batch row b iff ks[b] <= j < ke[b] and
+    j <= p0 + r (``utils.span_visible``); the selection has ``span_rows(S_q, block_size)`` rows,
+    row t for query block p0 // block_size + t. Rows that see no key give 0. Not with
+    q_start or mean_correction.
+    lse: optional fp32 (B, H, S_q) buffer; gets each row's natural-log log-sum-exp of
+    scale * q . k over its visible kept keys (-inf where none). Not with mean_correction.
     """
     check_kernel_dtype(q, "block_sparse_attention")
+    check_span_options("block_sparse_attention", mean_correction, lse is not None, span,
+                       q_start)
     B, H, SQ, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    _check_span_and_lse(span, lse, q, kv_num_blocks, block_size)
     if q_start and (q_start % block_size or q_start + SQ > S):
         raise ValueError(f"block_sparse_attention: q_start={q_start} must be a multiple of "
                          f"block_size={block_size} with q_start + S_q <= S_kv={S}")
@@ -302,19 +417,24 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     precision = "ieee"
     if q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32:
         precision = "tf32"  # the default; only fp32 operands care
+    p0, ks, ke = (q, q, q) if span is None else span  # q: never read
     args = (q, k, v, out, kv_num_blocks, kv_indices, kmean, vmean,
+            p0, ks, ke, q if lse is None else lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *kv_num_blocks.stride(), *kv_indices.stride(),
+            *((0, 0, 0) if lse is None else lse.stride()),
             S, SQ, q_start, H, H // Hkv, float(scale) * LOG2E)
     consts = dict(D=D, DP=DP, BLOCK_SIZE=block_size, BLOCK_J=_block_j(DP),
-                  MEAN_CORRECTION=bool(mean_correction), DOT_PRECISION=precision)
+                  MEAN_CORRECTION=bool(mean_correction), DOT_PRECISION=precision,
+                  SPAN=span is not None, WRITE_LSE=lse is not None)
+    extra_tile = int(span is not None)  # p0 need not sit on a tile boundary
     if tile is None and interpreting():
         # Autotune cannot run without a GPU; small tiles keep the interpreter quick.
         bm = min(block_size, 32)
         tile = (bm, bm, 4, 1)
     if tile is not None:
         bm, bn, warps, stages = tile
-        grid = (B * H, triton.cdiv(SQ, bm))
+        grid = (B * H, triton.cdiv(SQ, bm) + extra_tile)
         launcher(_bsa_fwd_kernel)[grid](*args, BLOCK_M=bm, BLOCK_N=bn, **consts,
                                            num_warps=warps, num_stages=stages)
         return out
@@ -322,57 +442,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # Heads on axis 0 so that the first wave of programs holds every head's heaviest (last)
     # query tiles; the kernel reverses axis 1. S and H may be SymInts under torch.compile.
     def grid(meta):
-        return (B * H, triton.cdiv(SQ, meta["BLOCK_M"]))
+        return (B * H, triton.cdiv(SQ, meta["BLOCK_M"]) + extra_tile)
 
     launcher(_autotuned_kernel(block_size, DP, q.element_size()))[grid](*args, **consts)
-    return out
-
-
-# ------------------------------------------------------------------------------ reference
-
-def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                     kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
-                                     scale: float, block_size: int,
-                                     mean_correction: bool = False, q_start: int = 0
-                                     ) -> torch.Tensor:
-    """Exact causal softmax attention restricted to the kept blocks. Returns (B, H, S, D).
-
-    With ``mean_correction`` every skipped key block that lies fully before the query block
-    enters the softmax as one pseudo-token: logit scale * q . kmean_j + log(count_j), value
-    vmean_j (FlashPrefill V2's zero-order term). q_start: as for ``block_sparse_attention``.
-    """
-    B, H, SQ, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    M = cdiv(S, block_size)
-    keep = expand_indices(kv_num_blocks, kv_indices)  # (B,H,n,M)
-    keep_g = keep.unflatten(1, (Hkv, H // Hkv))
-    out = torch.empty_like(q)
-    kf, vf = k.to(acc_dtype(k)), v.to(acc_dtype(v))
-    if mean_correction:
-        kmean, vmean, counts = key_block_stats(k, v, block_size)
-    rows_step = rows_per_chunk(B, H, S + (M if mean_correction else 0), 1)
-    cols = torch.arange(S, device=q.device)
-    col_block = cols // block_size
-    for r0 in range(0, SQ, rows_step):
-        r1 = min(SQ, r0 + rows_step)
-        rows = q_start + torch.arange(r0, r1, device=q.device)
-        row_block = rows // block_size
-        local_block = row_block - q_start // block_size
-        qc = group_view(q[:, :, r0:r1], Hkv).to(kf.dtype)
-        logits = scale * torch.matmul(qc, kf.unsqueeze(2).transpose(-1, -2))  # (B,Hkv,G,r,S)
-        block_ok = keep_g[:, :, :, local_block][..., col_block]  # (B,Hkv,G,r,S)
-        allowed = block_ok & (cols[None, :] <= rows[:, None])
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        if mean_correction:
-            skipped = ~keep_g[:, :, :, local_block] & (
-                torch.arange(M, device=q.device)[None, :] < row_block[:, None])
-            pseudo = scale * torch.matmul(qc, kmean.unsqueeze(2).transpose(-1, -2))
-            pseudo = (pseudo + counts.log()).masked_fill(~skipped, float("-inf"))
-            p = torch.softmax(torch.cat([logits, pseudo], dim=-1), dim=-1)
-            o = torch.matmul(p[..., :S], vf.unsqueeze(2)) + torch.matmul(
-                p[..., S:], vmean.unsqueeze(2))
-        else:
-            p = torch.softmax(logits, dim=-1)
-            o = torch.matmul(p, vf.unsqueeze(2))
-        out[:, :, r0:r1] = o.flatten(1, 2).to(q.dtype)
     return out
