@@ -1,6 +1,6 @@
 """Triton pattern search of FlashPrefill: which key blocks each query block keeps.
 
-Computes exactly ``compact_mask(select_mask_reference(...))`` (the reference below) without ever
+Computes exactly ``compact_mask(select_mask_reference(...))`` (search_reference.py) without ever
 writing a (B, H, M, M) score tensor, sorting or taking a top-k:
 
 * the key-block means come from ``block_means`` (block_means.py).
@@ -35,14 +35,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .block_means import block_means, key_block_means
-from .utils import (LOG2E, cdiv, check_kernel_dtype, compact_mask, gqa_union, group_view,
-                    interpreting, launcher, rows_per_chunk)
-from .vertical_slash import add_vertical_slash, vertical_slash_flags_reference
+from .block_means import block_means
+# The reference lives in search_reference.py; its entry points are importable from here too.
+from .search_reference import (GUARD_RATIO, GUARD_RUNGS, block_scores_reference,  # noqa: F401
+                               guard_rungs, guarded_choice, pattern_search_reference,
+                               select_mask_reference, structural_keep)
+from .utils import LOG2E, Span, cdiv, check_kernel_dtype, interpreting, launcher, span_rows
 
 
 @triton.jit
@@ -281,143 +282,4 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
         IEEE=q.dtype == torch.float32, MASS=use_mass, RUNGS=GUARD_RUNGS,
         RP=triton.next_power_of_2(GUARD_RUNGS), LOG2_RATIO=math.log2(GUARD_RATIO),
         **_launch_config(block_size, DP))
-    return (num, idx, mass) if return_mass else (num, idx)
-
-
-# ------------------------------------------------------------------------------ reference
-
-def block_scores_reference(q: torch.Tensor, kmean: torch.Tensor, scale: float, block_size: int,
-                           q_block_start: int, q_block_end: int) -> torch.Tensor:
-    """Unnormalised block scores of query blocks [q_block_start, q_block_end).
-
-    score_ij = sum over real rows r of block i of exp(scale * q_r . kmean_j - m_i), for key
-    blocks j < i, where m_i is the max of those logits over the rows of block i and all j < i.
-    Entries j >= i are 0. Returns (B, H, n, M) fp32. (The paper normalises each row to sum 1;
-    the threshold is relative to the row max, so that scaling never changes the selection.)
-    """
-    B, H, S, D = q.shape
-    Hkv, M = kmean.shape[1], kmean.shape[2]
-    n = q_block_end - q_block_start
-    r0, r1 = q_block_start * block_size, min(S, q_block_end * block_size)
-    qc = group_view(q[:, :, r0:r1], Hkv).to(kmean.dtype)
-    logits = scale * torch.matmul(qc, kmean.unsqueeze(2).transpose(-1, -2))  # (B,Hkv,G,rows,M)
-    logits = F.pad(logits, (0, 0, 0, n * block_size - (r1 - r0)), value=float("-inf"))
-    logits = logits.view(B, Hkv, -1, n, block_size, M)
-    i = torch.arange(q_block_start, q_block_end, device=q.device)
-    j = torch.arange(M, device=q.device)
-    before = j[None, :] < i[:, None]  # (n, M)
-    logits = logits.masked_fill(~before[:, None, :], float("-inf"))
-    m = logits.amax(dim=(-2, -1), keepdim=True)
-    # Rows with no key block before them (i == 0) have m = -inf; keep them at zero, not NaN.
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    scores = torch.exp(logits - m).sum(dim=-2)  # (B,Hkv,G,n,M)
-    return scores.flatten(1, 2)
-
-
-def structural_keep(M: int, n_start: int, n_end: int, sink_blocks: int, window_blocks: int,
-                    last_dense_blocks: int, device) -> torch.Tensor:
-    """Blocks kept whatever the scores say, for query blocks [n_start, n_end): (n, M) bool."""
-    i = torch.arange(n_start, n_end, device=device)[:, None]
-    j = torch.arange(M, device=device)[None, :]
-    causal = j <= i
-    keep = (j < sink_blocks) | (j > i - window_blocks) | (i >= M - last_dense_blocks)
-    return keep & causal
-
-
-# The mass guard's ladder of relative thresholds: alpha, alpha/4, alpha/16, alpha/64, then every
-# causal block. A row takes the first rung whose kept estimated mass reaches the floor: no sort.
-GUARD_RATIO = 0.25
-GUARD_RUNGS = 5
-
-
-def guard_rungs(alpha: float) -> list[float]:
-    """The ladder's relative thresholds, largest first; the last (0) keeps every causal block."""
-    return [alpha * GUARD_RATIO ** c for c in range(GUARD_RUNGS - 1)] + [0.0]
-
-
-def guarded_choice(scores: torch.Tensor, scored: torch.Tensor, structural: torch.Tensor,
-                   alpha: float, mass_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The threshold step with the mass guard: (chosen (B, H, n, M) bool, kept mass (B, H, n)).
-
-    scores (B, H, n, M) fp32 block scores (0 where not scored); scored (n, M): j < i of a
-    scored row; structural (n, M): always-kept blocks. The normalised scores
-    p_ij = score_ij / sum_j score_ij estimate row i's attention mass per key block (blocks
-    j < i; the diagonal block is never scored). A row keeps the blocks of the first rung of
-    ``guard_rungs(alpha)`` whose kept estimated mass is at least ``mass_floor``; with
-    ``mass_floor`` 0 that is the paper's threshold. The kept mass returned is that rung's
-    (1 for rows with nothing scored). NaN scores keep every block, as the paper rule does here.
-    """
-    rowmax = scores.amax(dim=-1, keepdim=True)
-    weight = torch.where(scored & ~scores.isnan(), scores, torch.zeros_like(scores))
-    total = weight.sum(dim=-1)
-    chosen = mass = None
-    for t in guard_rungs(alpha):
-        # "not below" rather than ">=": NaN scores keep their block, so NaN/inf inputs spread
-        # through the output as they would in dense attention.
-        keep = (~(scores < t * rowmax) & scored) | structural
-        kept = (weight * keep).sum(dim=-1)
-        ok = kept >= mass_floor * total
-        if chosen is None:
-            chosen, mass, settled = keep, kept, ok
-            continue
-        chosen = torch.where(settled[..., None], chosen, keep)
-        mass = torch.where(settled, mass, kept)
-        settled = settled | ok
-    share = torch.where(total > 0, mass / total.clamp_min(torch.finfo(total.dtype).tiny),
-                        torch.ones_like(total))
-    return chosen, share
-
-
-def select_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
-                          alpha: float, sink_blocks: int, window_blocks: int,
-                          last_dense_blocks: int, gqa_shared: bool = False,
-                          vertical_slash: bool = False, vs_threshold: float = 0.015,
-                          mass_floor: float = 0.0, *, return_mass: bool = False):
-    """Kept (query block, key block) pairs as a dense bool mask (B, H, M, M).
-
-    With ``mass_floor`` > 0 a row whose kept estimated mass falls below it keeps more blocks
-    (``guarded_choice``). With ``vertical_slash``, key blocks of heavy columns and diagonals
-    found by ``vertical_slash_flags_reference`` are added to every query block they reach.
-    ``return_mass``: also return the estimated kept mass per row (B, H, M) fp32 (1 for dense
-    rows), before the vertical/slash and GQA additions.
-    """
-    B, H, S, D = q.shape
-    Hkv = k.shape[1]
-    M = cdiv(S, block_size)
-    kmean = key_block_means(k, block_size)
-    if q.dtype in (torch.float16, torch.bfloat16):
-        # The key means are rounded to the inputs' 16-bit dtype, as the Triton search feeds
-        # them to a tensor-core dot (fp32 accumulation); scores are then fp32 sums as here.
-        kmean = kmean.to(q.dtype).to(kmean.dtype)
-    keep = torch.empty(B, H, M, M, dtype=torch.bool, device=q.device)
-    mass = torch.ones(B, H, M, dtype=kmean.dtype, device=q.device)
-    step = max(1, rows_per_chunk(B, H, M, block_size) // block_size)
-    for i0 in range(0, M, step):
-        i1 = min(M, i0 + step)
-        scores = block_scores_reference(q, kmean, scale, block_size, i0, i1)
-        i = torch.arange(i0, i1, device=q.device)[:, None]
-        j = torch.arange(M, device=q.device)[None, :]
-        structural = structural_keep(M, i0, i1, sink_blocks, window_blocks, last_dense_blocks,
-                                     q.device)
-        chosen, kept = guarded_choice(scores, j < i, structural, alpha, mass_floor)
-        keep[:, :, i0:i1] = chosen | structural
-        dense_row = (i[:, 0] >= M - last_dense_blocks)
-        mass[:, :, i0:i1] = torch.where(dense_row, torch.ones_like(kept), kept)
-    if vertical_slash:
-        keep = add_vertical_slash(
-            keep, *vertical_slash_flags_reference(q, k, scale, block_size, vs_threshold))
-    if gqa_shared:
-        keep = gqa_union(keep, Hkv)
-    return (keep, mass) if return_mass else keep
-
-
-def pattern_search_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
-                             alpha: float, sink_blocks: int, window_blocks: int,
-                             last_dense_blocks: int, *, gqa_shared: bool = False,
-                             mass_floor: float = 0.0, return_mass: bool = False):
-    """Plain-torch definition of ``pattern_search`` (same arguments and outputs)."""
-    keep, mass = select_mask_reference(q, k, scale, block_size, alpha, sink_blocks,
-                                       window_blocks, last_dense_blocks, gqa_shared,
-                                       mass_floor=mass_floor, return_mass=True)
-    num, idx = compact_mask(keep)
     return (num, idx, mass) if return_mass else (num, idx)
