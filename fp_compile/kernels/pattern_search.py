@@ -188,17 +188,19 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr, p0_ptr,
 
     rows = i * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < S
-    dense_row = i >= M - last_dense_blocks
     j_lo = 0
     sink_hi = sink_blocks
     if SPAN:
-        i, rows, row_ok, dense_row, j_lo, j_end = _span_row(
+        i, rows, row_ok, span_dense, j_lo, j_end = _span_row(
             p0_ptr, ks_ptr + b, ke_ptr + b, r, S, last_dense_blocks, BLOCK)
         sink_hi = j_lo + sink_blocks
     t_lo = j_lo // TJ   # the first tile holding a candidate block
     d = tl.arange(0, DP)
     q_offs = rows[:, None].to(tl.int64) * sqs + d[None, :] * sqd
     q_msk = row_ok[:, None] & (d < D)[None, :]
+    dense_row = i >= M - last_dense_blocks
+    if SPAN:
+        dense_row = span_dense
     # Dense rows keep every causal block: they are not scored. Folding them into the window
     # (rather than or-ing a scalar into block masks) also dodges an interpreter bug that turns
     # `block_bool | scalar_bool` into an int32 mask.
