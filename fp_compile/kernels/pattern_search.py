@@ -335,12 +335,12 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
         kmean = block_means(k, block_size, out_dtype=q.dtype, span=span)
     else:
         kmean = kmean.to(q.dtype).contiguous()
+    if span is not None and rows is not None:
+        raise ValueError("pattern_search: rows= does not combine with a span")
     start, step, n = (0, 1, M) if rows is None else rows
     if rows is not None and (n < 1 or start < 0 or step < 1 or start + (n - 1) * step >= M):
         raise ValueError(f"pattern_search: rows={rows} outside the {M} query blocks")
     if span is not None:
-        if rows is not None:
-            raise ValueError("pattern_search: rows= does not combine with a span")
         _check_span(span, B, q.device)
         n = span_rows(S, block_size)
     num = torch.empty((B, H, n), dtype=torch.int32, device=q.device)

@@ -182,7 +182,7 @@ def test_options_a_span_does_not_support_are_refused():
     span = make_span(20, [0], [64])
     with pytest.raises(ValueError, match="vertical_slash=True is not supported with a span"):
         select_mask_reference(q, k, 0.25, 16, 0.3, 1, 1, 1, vertical_slash=True, span=span)
-    with pytest.raises(ValueError, match="rows="):
+    with pytest.raises(ValueError, match="rows= does not combine with a span"):
         pattern_search(q, k, 0.25, 16, 0.3, 1, 1, 1, rows=(0, 1, 2), span=span)
     bad = ku.Span(span.p0.long(), span.ks, span.ke)
     with pytest.raises(ValueError, match="span.p0 must be an int32"):
