@@ -2,8 +2,8 @@
 defines what it computes:
 
 * ``block_means``: mean key (and value) of every key block;
-* ``pattern_search``: the block selection (scores, threshold, compaction) and the reference of
-  the whole selection rule;
+* ``pattern_search``: the block selection (scores, threshold, compaction);
+  ``search_reference``: its plain-torch reference, the whole selection rule (spans included);
 * ``block_sparse_attention``: online-softmax attention over the kept blocks (its reference in
   ``block_sparse_reference``);
 * ``vertical_slash``: the heavy column / diagonal detector (plain torch for now);

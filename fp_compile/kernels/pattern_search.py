@@ -1,6 +1,6 @@
 """Triton pattern search of FlashPrefill: which key blocks each query block keeps.
 
-Computes exactly ``compact_mask(select_mask_reference(...))`` (the reference below) without ever
+Computes exactly ``compact_mask(select_mask_reference(...))`` (search_reference.py) without ever
 writing a (B, H, M, M) score tensor, sorting or taking a top-k:
 
 * the key-block means come from ``block_means`` (block_means.py).
@@ -35,21 +35,23 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .block_means import block_means, key_block_means
-from .utils import (LOG2E, cdiv, check_kernel_dtype, compact_mask, gqa_union, group_view,
-                    interpreting, launcher, rows_per_chunk)
-from .vertical_slash import add_vertical_slash, vertical_slash_flags_reference
+from .block_means import block_means
+# The reference lives in search_reference.py; its entry points are importable from here too.
+from .search_reference import (GUARD_RATIO, GUARD_RUNGS, block_scores_reference,  # noqa: F401
+                               guard_rungs, guarded_choice, pattern_search_reference,
+                               select_mask_reference, structural_keep)
+from .utils import LOG2E, Span, cdiv, check_kernel_dtype, interpreting, launcher, span_rows
 
 
 @triton.jit
-def _tile_log2_scores(qt, kmean_row, j0, n_cols, row_ok, qk_scale,
+def _tile_log2_scores(qt, kmean_row, j0, j_lo, n_cols, row_ok, qk_scale,
                       D: tl.constexpr, DP: tl.constexpr, TJ: tl.constexpr,
-                      IEEE: tl.constexpr):
-    """log2 score_ij of key blocks j0 .. j0 + TJ for one query block; -inf for j >= n_cols.
+                      IEEE: tl.constexpr, SPAN: tl.constexpr):
+    """log2 score_ij of key blocks j0 .. j0 + TJ for one query block; -inf for j >= n_cols
+    (and, with SPAN, for j < j_lo).
 
     qt: (DP, BLOCK) the query rows, transposed (padding rows and dims 0); kmean_row: this
     (batch, kv head)'s key means (M, D) in q's dtype (fp32 for fp32 q). qk_scale =
@@ -63,6 +65,8 @@ def _tile_log2_scores(qt, kmean_row, j0, n_cols, row_ok, qk_scale,
     js = j0 + tl.arange(0, TJ)
     d = tl.arange(0, DP)
     col_ok = js < n_cols
+    if SPAN:
+        col_ok &= js >= j_lo
     km = tl.load(kmean_row + js[:, None] * D + d[None, :],
                  mask=col_ok[:, None] & (d < D)[None, :], other=0.0)      # (TJ, DP)
     if IEEE:
@@ -77,12 +81,13 @@ def _tile_log2_scores(qt, kmean_row, j0, n_cols, row_ok, qk_scale,
 
 
 @triton.jit
-def _guard_offset(scores_row, mass_out, best, has_nan, log2_alpha, mass_floor, i, n_tiles,
-                  sink_blocks, window_lo, TJ: tl.constexpr, RUNGS: tl.constexpr,
-                  RP: tl.constexpr, LOG2_RATIO: tl.constexpr):
+def _guard_offset(scores_row, mass_out, best, has_nan, log2_alpha, mass_floor, j_lo, score_end,
+                  t_lo, n_tiles, sink_hi, window_lo, TJ: tl.constexpr, RUNGS: tl.constexpr,
+                  RP: tl.constexpr, LOG2_RATIO: tl.constexpr, SPAN: tl.constexpr):
     """The mass guard for one head's row: log2 of the chosen rung's relative threshold.
 
-    scores_row: the row's parked log2 scores (blocks j < i); best: their max. Rung c keeps
+    scores_row: the row's parked log2 scores (blocks j < score_end, and j >= j_lo with SPAN,
+    in tiles t_lo .. n_tiles - 1); best: their max. Rung c keeps
     blocks with log2 score >= best + log2(alpha) + c * LOG2_RATIO, the last rung every block,
     sinks and window always. The weights 2^(ls - best) are the scores normalised by the row's
     best, so the shares equal those of ``guarded_choice``. Writes the chosen rung's kept share
@@ -94,12 +99,14 @@ def _guard_offset(scores_row, mass_out, best, has_nan, log2_alpha, mass_floor, i
     rel = tl.where(cs < RUNGS - 1, log2_alpha + cs.to(tl.float32) * LOG2_RATIO, float("-inf"))
     total = tl.zeros([], dtype=tl.float32)
     kept = tl.zeros([RP], dtype=tl.float32)
-    for t in range(0, n_tiles):
+    for t in range(t_lo, n_tiles):
         js = t * TJ + tl.arange(0, TJ)
-        scored = js < i
+        scored = js < score_end
+        if SPAN:
+            scored &= js >= j_lo
         ls = tl.load(scores_row + js, mask=scored, other=0).to(tl.float32, bitcast=True)
         w = tl.where(scored & (ls == ls), tl.exp2(ls - best), 0.0)
-        always = (js < sink_blocks) | (js > window_lo) | (ls != ls)
+        always = (js < sink_hi) | (js > window_lo) | (ls != ls)
         passes = (ls[:, None] >= best + rel[None, :]) | always[:, None]
         kept += tl.sum(w[:, None] * passes.to(tl.float32), axis=0)
         total += tl.sum(w, axis=0)
@@ -112,14 +119,39 @@ def _guard_offset(scores_row, mass_out, best, has_nan, log2_alpha, mass_floor, i
 
 
 @triton.jit
-def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr,
+def _span_row(p0_ptr, ks_ptr, ke_ptr, r, S_q, last_dense_blocks, BLOCK: tl.constexpr):
+    """Selection row r of a call with a span (utils.Span), read on the device.
+
+    Returns the absolute query block i = p0 // BLOCK + r, its query rows (key position - p0)
+    and which of them score it (R: rows of this call that see a key), whether the row is dense
+    (i > L - last_dense_blocks) and its candidate key blocks C = [j_lo, j_end): the blocks
+    holding a valid key, j <= i; empty when R is or the batch row has no valid key.
+    """
+    p0 = tl.load(p0_ptr)
+    ks = tl.load(ks_ptr)
+    ke = tl.load(ke_ptr)
+    i = p0 // BLOCK + r
+    pos = i * BLOCK + tl.arange(0, BLOCK)
+    rows = pos - p0
+    row_ok = (rows >= 0) & (rows < S_q) & (pos >= ks)
+    live = ((tl.maximum(tl.maximum(i * BLOCK, p0), ks) < tl.minimum(i * BLOCK + BLOCK, p0 + S_q))
+            & (ke > ks))
+    j_lo = ks // BLOCK
+    j_end = tl.where(live, tl.minimum(i, (ke - 1) // BLOCK) + 1, j_lo)
+    # The last query block with keys: past the key end (right padding) every block is dense.
+    dense_row = i > (tl.minimum(ke, p0 + S_q) - 1) // BLOCK - last_dense_blocks
+    return i, rows, row_ok, dense_row, j_lo, j_end
+
+
+@triton.jit
+def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr, p0_ptr, ks_ptr, ke_ptr,
                            sqb, sqh, sqs, sqd,
                            S, M, H, Hkv, G, qk_scale, log2_alpha, mass_floor, I_LO, I_STEP, NR,
                            sink_blocks, window_blocks, last_dense_blocks,
                            BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                            TJ: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
                            IEEE: tl.constexpr, MASS: tl.constexpr, RUNGS: tl.constexpr,
-                           RP: tl.constexpr, LOG2_RATIO: tl.constexpr):
+                           RP: tl.constexpr, LOG2_RATIO: tl.constexpr, SPAN: tl.constexpr):
     """One program per (query block i, batch * head unit); a unit is GROUP query heads.
 
     GROUP = 1: each query head gets its own kept set. GROUP = G: the heads of one kv group get
@@ -134,6 +166,10 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr,
     reads the scores back tile by tile and compacts the kept indices in place: the index
     written at position p comes from a block j >= p of a tile already read, so no unread score
     is overwritten.
+
+    SPAN (p0, ks, ke read here; S is then q's length S_q and M counts the key blocks): row r is
+    the absolute query block p0 // BLOCK + r (``_span_row``); only the candidate blocks
+    [j_lo, j_end) are scored or kept, sinks count from j_lo, and tiles start at j_lo's.
     """
     # torch.compile may pass Python floats as fp64: keep the arithmetic in fp32.
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -152,16 +188,30 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr,
 
     rows = i * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < S
+    j_lo = 0
+    sink_hi = sink_blocks
+    if SPAN:
+        i, rows, row_ok, span_dense, j_lo, j_end = _span_row(
+            p0_ptr, ks_ptr + b, ke_ptr + b, r, S, last_dense_blocks, BLOCK)
+        sink_hi = j_lo + sink_blocks
+    t_lo = j_lo // TJ   # the first tile holding a candidate block
     d = tl.arange(0, DP)
     q_offs = rows[:, None].to(tl.int64) * sqs + d[None, :] * sqd
     q_msk = row_ok[:, None] & (d < D)[None, :]
     dense_row = i >= M - last_dense_blocks
+    if SPAN:
+        dense_row = span_dense
     # Dense rows keep every causal block: they are not scored. Folding them into the window
     # (rather than or-ing a scalar into block masks) also dodges an interpreter bug that turns
     # `block_bool | scalar_bool` into an int32 mask.
     n_tiles_a = tl.where(dense_row, 0, (i + TJ - 1) // TJ)
     window_lo = tl.where(dense_row, -1, i - window_blocks)
     scored_hi = tl.where(dense_row, 0, i)   # blocks j < scored_hi have parked scores
+    score_end = i                           # pass A's tiles score blocks j < score_end
+    if SPAN:
+        scored_hi = tl.where(dense_row, j_lo, tl.minimum(i, j_end))
+        n_tiles_a = tl.where(scored_hi > j_lo, (scored_hi + TJ - 1) // TJ, 0)
+        score_end = scored_hi
     row_out = ((b * H + h0) * NR + r) * M      # int64: b is
     HEAD = (b * 0 + NR) * M  # one head's rows in num / idx (NR x M), int64; NR may be constexpr 1
 
@@ -173,19 +223,20 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr,
         qt = tl.trans(tl.load(q_head + g * sqh, mask=q_msk, other=0.0))
         best = tl.full([], float("-inf"), tl.float32)
         has_nan = tl.zeros([], dtype=tl.int32)
-        for t in range(0, n_tiles_a):
-            ls = _tile_log2_scores(qt, kmean_row, t * TJ, i, row_ok, qk_scale, D, DP, TJ, IEEE)
+        for t in range(t_lo, n_tiles_a):
+            ls = _tile_log2_scores(qt, kmean_row, t * TJ, j_lo, score_end, row_ok, qk_scale,
+                                   D, DP, TJ, IEEE, SPAN)
             js = t * TJ + tl.arange(0, TJ)
             tl.store(idx_ptr + row_out + g * HEAD + js, ls.to(tl.int32, bitcast=True),
-                     mask=js < i)
+                     mask=js < score_end)
             isnan = ls != ls
             has_nan = tl.maximum(has_nan, tl.max(isnan.to(tl.int32), axis=0))
             best = tl.maximum(best, tl.max(tl.where(isnan, float("-inf"), ls), axis=0))
         offset = log2_alpha
         if MASS:
             offset = _guard_offset(idx_ptr + row_out + g * HEAD, mass_ptr + (
-                (b * H + h0 + g) * NR + r), best, has_nan, log2_alpha, mass_floor, i, n_tiles_a,
-                sink_blocks, window_lo, TJ, RUNGS, RP, LOG2_RATIO)
+                (b * H + h0 + g) * NR + r), best, has_nan, log2_alpha, mass_floor, j_lo,
+                score_end, t_lo, n_tiles_a, sink_hi, window_lo, TJ, RUNGS, RP, LOG2_RATIO, SPAN)
         # The reference's row max is NaN when any score is: then every block is kept.
         thr = tl.where(has_nan != 0, float("-inf"), offset + best)
         thr_vec = tl.where(gs == g, thr, thr_vec)
@@ -194,10 +245,15 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr,
 
     # Pass B: threshold tile by tile and append kept indices, ascending, in place.
     count = tl.zeros([], dtype=tl.int32)
-    for t in range(0, (i + TJ) // TJ):
+    b_tiles = (i + TJ) // TJ
+    if SPAN:
+        b_tiles = (j_end + TJ - 1) // TJ
+    for t in range(t_lo, b_tiles):
         js = t * TJ + tl.arange(0, TJ)
-        keep = (js < sink_blocks) | (js > window_lo)
+        keep = (js < sink_hi) | (js > window_lo)
         scored = js < scored_hi
+        if SPAN:
+            scored &= js >= j_lo
         for g in range(GROUP):
             bits = tl.load(idx_ptr + row_out + g * HEAD + js, mask=scored, other=0)
             ls = bits.to(tl.float32, bitcast=True)
@@ -205,6 +261,8 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr,
             # == ~(ls < thr) of the reference: NaN scores keep their block.
             keep |= ((ls >= thr) | (ls != ls)) & scored
         keep &= js <= i
+        if SPAN:
+            keep &= (js >= j_lo) & (js < j_end)
         # Every thread has read this tile before any thread overwrites it (a tile's values can
         # be replicated across warps, and the prefix sum below need not cross warps).
         tl.debug_barrier()
@@ -215,8 +273,8 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr,
         count += tl.sum(flags, axis=0)
 
     # Unused entries: 0 (they may still hold parked scores).
-    for p0 in range((count // TJ) * TJ, M, TJ):
-        ps = p0 + tl.arange(0, TJ)
+    for p in range((count // TJ) * TJ, M, TJ):
+        ps = p + tl.arange(0, TJ)
         zeros = tl.zeros([TJ], dtype=tl.int32)
         for g in range(GROUP):
             tl.store(idx_ptr + row_out + g * HEAD + ps, zeros, mask=(ps >= count) & (ps < M))
@@ -235,11 +293,19 @@ def _launch_config(block_size: int, head_dim_p2: int) -> dict:
     return dict(TJ=tj, num_warps=4, num_stages=1)
 
 
+def _check_span(span: Span, B: int, device) -> None:
+    """Shapes, dtypes and device of a span (metadata only: its values stay on the device)."""
+    for name, t, shape in (("p0", span.p0, (1,)), ("ks", span.ks, (B,)), ("ke", span.ke, (B,))):
+        if t.dtype != torch.int32 or tuple(t.shape) != shape or t.device != device:
+            raise ValueError(f"pattern_search: span.{name} must be an int32 {shape} tensor on "
+                             f"{device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
 def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, alpha: float,
                    sink_blocks: int, window_blocks: int, last_dense_blocks: int, *,
                    gqa_shared: bool = False, kmean: torch.Tensor | None = None,
                    mass_floor: float = 0.0, return_mass: bool = False,
-                   rows: tuple[int, int, int] | None = None):
+                   rows: tuple[int, int, int] | None = None, span: Span | None = None):
     """FlashPrefill block selection in FlexAttention's compact layout.
 
     q (B, H, S, D), k (B, Hkv, S, D), H % Hkv == 0, fp16/bf16/fp32, any strides.
@@ -252,21 +318,31 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
     then hold those rows in that order: num (B, H, n), idx (B, H, n, M), mass (B, H, n). Memory
     follows n (the dispatch selects long prompts a chunk of rows at a time, and samples rows
     for the dense decision).
+    span: ``utils.Span`` (p0, ks, ke on q's device, read only by the kernels): q (B, H, S_q, D)
+    sits at key positions p0 .. p0 + S_q - 1 of k (B, Hkv, S, D). The outputs then have
+    n = span_rows(S_q, block_size) rows, row t the absolute query block p0 // block_size + t:
+    num (B, H, n), idx (B, H, n, M), mass (B, H, n), M = ceil(S / block_size); a given kmean
+    must then be ``block_means(k, block_size, span=span)``. Does not combine with ``rows``.
     """
     check_kernel_dtype(q, "pattern_search")
     B, H, S, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
-    M = cdiv(S, block_size)
+    M = cdiv(S if span is None else k.shape[2], block_size)
     # Key means in q's dtype for 16-bit q (one tensor-core dot; the reference rounds them the
     # same way), fp32 for fp32 q (ieee dot: the reference's selection bit for bit).
     if kmean is None:
-        kmean = block_means(k, block_size, out_dtype=q.dtype)
+        kmean = block_means(k, block_size, out_dtype=q.dtype, span=span)
     else:
         kmean = kmean.to(q.dtype).contiguous()
+    if span is not None and rows is not None:
+        raise ValueError("pattern_search: rows= does not combine with a span")
     start, step, n = (0, 1, M) if rows is None else rows
     if rows is not None and (n < 1 or start < 0 or step < 1 or start + (n - 1) * step >= M):
         raise ValueError(f"pattern_search: rows={rows} outside the {M} query blocks")
+    if span is not None:
+        _check_span(span, B, q.device)
+        n = span_rows(S, block_size)
     num = torch.empty((B, H, n), dtype=torch.int32, device=q.device)
     idx = torch.empty((B, H, n, M), dtype=torch.int32, device=q.device)
     group = G if gqa_shared else 1
@@ -274,150 +350,13 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
     log2_alpha = math.log2(alpha) if alpha > 0 else float("-inf")
     use_mass = mass_floor > 0 or return_mass
     mass = torch.empty((B, H, n), dtype=torch.float32, device=q.device) if use_mass else num
+    p0, ks, ke = (num, num, num) if span is None else span
     launcher(_pattern_search_kernel)[(n, B * (H // group))](
-        q, kmean, num, idx, mass, *q.stride(), S, M, H, Hkv, G, float(scale) * LOG2E,
-        log2_alpha, float(mass_floor), start, step, n, sink_blocks, window_blocks, last_dense_blocks,
+        q, kmean, num, idx, mass, p0, ks, ke, *q.stride(), S, M, H, Hkv, G,
+        float(scale) * LOG2E, log2_alpha, float(mass_floor), start, step, n, sink_blocks,
+        window_blocks, last_dense_blocks,
         BLOCK=block_size, D=D, DP=DP, GROUP=group, GP=triton.next_power_of_2(group),
         IEEE=q.dtype == torch.float32, MASS=use_mass, RUNGS=GUARD_RUNGS,
         RP=triton.next_power_of_2(GUARD_RUNGS), LOG2_RATIO=math.log2(GUARD_RATIO),
-        **_launch_config(block_size, DP))
-    return (num, idx, mass) if return_mass else (num, idx)
-
-
-# ------------------------------------------------------------------------------ reference
-
-def block_scores_reference(q: torch.Tensor, kmean: torch.Tensor, scale: float, block_size: int,
-                           q_block_start: int, q_block_end: int) -> torch.Tensor:
-    """Unnormalised block scores of query blocks [q_block_start, q_block_end).
-
-    score_ij = sum over real rows r of block i of exp(scale * q_r . kmean_j - m_i), for key
-    blocks j < i, where m_i is the max of those logits over the rows of block i and all j < i.
-    Entries j >= i are 0. Returns (B, H, n, M) fp32. (The paper normalises each row to sum 1;
-    the threshold is relative to the row max, so that scaling never changes the selection.)
-    """
-    B, H, S, D = q.shape
-    Hkv, M = kmean.shape[1], kmean.shape[2]
-    n = q_block_end - q_block_start
-    r0, r1 = q_block_start * block_size, min(S, q_block_end * block_size)
-    qc = group_view(q[:, :, r0:r1], Hkv).to(kmean.dtype)
-    logits = scale * torch.matmul(qc, kmean.unsqueeze(2).transpose(-1, -2))  # (B,Hkv,G,rows,M)
-    logits = F.pad(logits, (0, 0, 0, n * block_size - (r1 - r0)), value=float("-inf"))
-    logits = logits.view(B, Hkv, -1, n, block_size, M)
-    i = torch.arange(q_block_start, q_block_end, device=q.device)
-    j = torch.arange(M, device=q.device)
-    before = j[None, :] < i[:, None]  # (n, M)
-    logits = logits.masked_fill(~before[:, None, :], float("-inf"))
-    m = logits.amax(dim=(-2, -1), keepdim=True)
-    # Rows with no key block before them (i == 0) have m = -inf; keep them at zero, not NaN.
-    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    scores = torch.exp(logits - m).sum(dim=-2)  # (B,Hkv,G,n,M)
-    return scores.flatten(1, 2)
-
-
-def structural_keep(M: int, n_start: int, n_end: int, sink_blocks: int, window_blocks: int,
-                    last_dense_blocks: int, device) -> torch.Tensor:
-    """Blocks kept whatever the scores say, for query blocks [n_start, n_end): (n, M) bool."""
-    i = torch.arange(n_start, n_end, device=device)[:, None]
-    j = torch.arange(M, device=device)[None, :]
-    causal = j <= i
-    keep = (j < sink_blocks) | (j > i - window_blocks) | (i >= M - last_dense_blocks)
-    return keep & causal
-
-
-# The mass guard's ladder of relative thresholds: alpha, alpha/4, alpha/16, alpha/64, then every
-# causal block. A row takes the first rung whose kept estimated mass reaches the floor: no sort.
-GUARD_RATIO = 0.25
-GUARD_RUNGS = 5
-
-
-def guard_rungs(alpha: float) -> list[float]:
-    """The ladder's relative thresholds, largest first; the last (0) keeps every causal block."""
-    return [alpha * GUARD_RATIO ** c for c in range(GUARD_RUNGS - 1)] + [0.0]
-
-
-def guarded_choice(scores: torch.Tensor, scored: torch.Tensor, structural: torch.Tensor,
-                   alpha: float, mass_floor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The threshold step with the mass guard: (chosen (B, H, n, M) bool, kept mass (B, H, n)).
-
-    scores (B, H, n, M) fp32 block scores (0 where not scored); scored (n, M): j < i of a
-    scored row; structural (n, M): always-kept blocks. The normalised scores
-    p_ij = score_ij / sum_j score_ij estimate row i's attention mass per key block (blocks
-    j < i; the diagonal block is never scored). A row keeps the blocks of the first rung of
-    ``guard_rungs(alpha)`` whose kept estimated mass is at least ``mass_floor``; with
-    ``mass_floor`` 0 that is the paper's threshold. The kept mass returned is that rung's
-    (1 for rows with nothing scored). NaN scores keep every block, as the paper rule does here.
-    """
-    rowmax = scores.amax(dim=-1, keepdim=True)
-    weight = torch.where(scored & ~scores.isnan(), scores, torch.zeros_like(scores))
-    total = weight.sum(dim=-1)
-    chosen = mass = None
-    for t in guard_rungs(alpha):
-        # "not below" rather than ">=": NaN scores keep their block, so NaN/inf inputs spread
-        # through the output as they would in dense attention.
-        keep = (~(scores < t * rowmax) & scored) | structural
-        kept = (weight * keep).sum(dim=-1)
-        ok = kept >= mass_floor * total
-        if chosen is None:
-            chosen, mass, settled = keep, kept, ok
-            continue
-        chosen = torch.where(settled[..., None], chosen, keep)
-        mass = torch.where(settled, mass, kept)
-        settled = settled | ok
-    share = torch.where(total > 0, mass / total.clamp_min(torch.finfo(total.dtype).tiny),
-                        torch.ones_like(total))
-    return chosen, share
-
-
-def select_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
-                          alpha: float, sink_blocks: int, window_blocks: int,
-                          last_dense_blocks: int, gqa_shared: bool = False,
-                          vertical_slash: bool = False, vs_threshold: float = 0.015,
-                          mass_floor: float = 0.0, *, return_mass: bool = False):
-    """Kept (query block, key block) pairs as a dense bool mask (B, H, M, M).
-
-    With ``mass_floor`` > 0 a row whose kept estimated mass falls below it keeps more blocks
-    (``guarded_choice``). With ``vertical_slash``, key blocks of heavy columns and diagonals
-    found by ``vertical_slash_flags_reference`` are added to every query block they reach.
-    ``return_mass``: also return the estimated kept mass per row (B, H, M) fp32 (1 for dense
-    rows), before the vertical/slash and GQA additions.
-    """
-    B, H, S, D = q.shape
-    Hkv = k.shape[1]
-    M = cdiv(S, block_size)
-    kmean = key_block_means(k, block_size)
-    if q.dtype in (torch.float16, torch.bfloat16):
-        # The key means are rounded to the inputs' 16-bit dtype, as the Triton search feeds
-        # them to a tensor-core dot (fp32 accumulation); scores are then fp32 sums as here.
-        kmean = kmean.to(q.dtype).to(kmean.dtype)
-    keep = torch.empty(B, H, M, M, dtype=torch.bool, device=q.device)
-    mass = torch.ones(B, H, M, dtype=kmean.dtype, device=q.device)
-    step = max(1, rows_per_chunk(B, H, M, block_size) // block_size)
-    for i0 in range(0, M, step):
-        i1 = min(M, i0 + step)
-        scores = block_scores_reference(q, kmean, scale, block_size, i0, i1)
-        i = torch.arange(i0, i1, device=q.device)[:, None]
-        j = torch.arange(M, device=q.device)[None, :]
-        structural = structural_keep(M, i0, i1, sink_blocks, window_blocks, last_dense_blocks,
-                                     q.device)
-        chosen, kept = guarded_choice(scores, j < i, structural, alpha, mass_floor)
-        keep[:, :, i0:i1] = chosen | structural
-        dense_row = (i[:, 0] >= M - last_dense_blocks)
-        mass[:, :, i0:i1] = torch.where(dense_row, torch.ones_like(kept), kept)
-    if vertical_slash:
-        keep = add_vertical_slash(
-            keep, *vertical_slash_flags_reference(q, k, scale, block_size, vs_threshold))
-    if gqa_shared:
-        keep = gqa_union(keep, Hkv)
-    return (keep, mass) if return_mass else keep
-
-
-def pattern_search_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
-                             alpha: float, sink_blocks: int, window_blocks: int,
-                             last_dense_blocks: int, *, gqa_shared: bool = False,
-                             mass_floor: float = 0.0, return_mass: bool = False):
-    """Plain-torch definition of ``pattern_search`` (same arguments and outputs)."""
-    keep, mass = select_mask_reference(q, k, scale, block_size, alpha, sink_blocks,
-                                       window_blocks, last_dense_blocks, gqa_shared,
-                                       mass_floor=mass_floor, return_mass=True)
-    num, idx = compact_mask(keep)
+        SPAN=span is not None, **_launch_config(block_size, DP))
     return (num, idx, mass) if return_mass else (num, idx)
