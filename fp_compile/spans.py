@@ -15,9 +15,11 @@ assert (``torch._assert_async``) on CUDA and a ValueError naming the argument el
 
 Differences from the plain dispatch (``dispatch.run``), named so they are not surprises:
 
-* no dense fallback per kv group (``dense_above``): it needs a host read of the selection, and a
-  span call is made to replay under CUDA graphs; the mass guard (``mass_floor``) holds as usual.
-  Below ``min_seq_len`` (compared with S_kv) the call runs masked SDPA.
+* the dense fallback (``dense_above``) is decided on the device, without a host read: a kv group
+  whose kept density (over the blocks its rows could keep) is above ``dense_above`` gets every
+  candidate block, through the same block-sparse kernel (exact, about cuDNN's speed less the
+  kernel's gap at full density), not a cuDNN call. The mass guard (``mass_floor``) holds as
+  usual. Below ``min_seq_len`` (compared with S_kv) the call runs masked SDPA.
 * no chunking of the selection (``dispatch.INDEX_BYTES``): the index is (B, H, S_q / bs + 1, M).
 * ``mean_correction`` and ``vertical_slash`` are refused with a span (ValueError).
 """
@@ -123,6 +125,25 @@ def candidate_blocks(span: Span, S_q: int, S: int, block_size: int) -> torch.Ten
                        (last - first + 1).clamp_min(0), 0)
 
 
+def dense_where_flagged(sel: dispatch.Selection, span: Span, S_q: int, S: int, num_kv_heads: int,
+                        config: FlashPrefillConfig) -> tuple[dispatch.Selection, torch.Tensor]:
+    """The selection with every candidate block for the kv groups whose kept density is above
+    ``config.dense_above``, and those (B, Hkv) flags: on the device, no host read."""
+    B, H, n = sel.num.shape
+    M = sel.idx.shape[-1]
+    cand = candidate_blocks(span, S_q, S, config.block_size).to(torch.int32)       # (B, n)
+    kept = sel.num.to(torch.float32).sum(-1).view(B, num_kv_heads, H // num_kv_heads).mean(-1)
+    flags = kept > config.dense_above * cand.sum(-1, keepdim=True).to(torch.float32)
+    heads = flags.repeat_interleave(H // num_kv_heads, dim=1)                     # (B, H)
+    first = (span.ks.long() // config.block_size)[:, None, None]                 # (B, 1, 1)
+    m = torch.arange(M, device=sel.idx.device)
+    full_idx = torch.where(m < cand[:, :, None], first + m, 0).to(torch.int32)   # (B, n, M)
+    num = torch.where(heads[:, :, None], cand[:, None, :], sel.num)
+    idx = torch.where(heads[:, :, None, None], full_idx[:, None], sel.idx)
+    mass = None if sel.mass is None else sel.mass.masked_fill(heads[:, :, None], 1.0)
+    return dispatch.Selection(num, idx, mass), flags
+
+
 def select(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig,
            span: Span, *, with_mass: bool = False) -> dispatch.Selection:
     """The selection of a span call: rows ``ku.span_rows(S_q, bs)`` from query block p0 // bs."""
@@ -182,9 +203,12 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
             _record(layer, q, k, config, span, None, key_mask, q_pos)
         return masked_sdpa(q, k, v, scale, span, return_lse)
     sel = select(q, k, scale, config, span, with_mass=config.collect_stats)
+    flags = None
+    if config.dense_above < 1:
+        sel, flags = dense_where_flagged(sel, span, q.shape[2], k.shape[2], k.shape[1], config)
     result = attend(q, k, v, scale, config, span, sel, return_lse)
     if config.collect_stats:
-        _record(layer, q, k, config, span, sel, key_mask, q_pos)
+        _record(layer, q, k, config, span, sel, key_mask, q_pos, flags)
     return result
 
 
@@ -208,12 +232,15 @@ def form(q_len: int, kv_len: int, key_mask: bool, q_pos: bool) -> str:
     return " + ".join(parts) or "plain"
 
 
-def _record(layer, q, k, config, span: Span, sel, key_mask, q_pos) -> None:
+def _record(layer, q, k, config, span: Span, sel, key_mask, q_pos, flags=None) -> None:
     from .stats import record
 
+    heads_dense = None
+    if flags is not None:
+        heads_dense = flags.repeat_interleave(q.shape[1] // k.shape[1], dim=1).any(dim=0)
     cand = None if sel is None else candidate_blocks(span, q.shape[2], k.shape[2],
                                                      config.block_size)
     record(layer, k.shape[2], q.shape[0], config.block_size, config.alpha,
            None if sel is None else sel.num, q.shape[1], mass=None if sel is None else sel.mass,
-           candidates=cand, form=form(q.shape[2], k.shape[2], key_mask is not None,
-                                      q_pos is not None))
+           dense_heads=heads_dense, candidates=cand,
+           form=form(q.shape[2], k.shape[2], key_mask is not None, q_pos is not None))

@@ -47,11 +47,13 @@ from .utils import LOG2E, Span, cdiv, check_kernel_dtype, interpreting, launcher
 
 
 @triton.jit
-def _tile_log2_scores(qt, kmean_row, j0, j_lo, n_cols, row_ok, qk_scale,
+def _tile_log2_scores(qt, kmean_row, j0, j_lo, n_cols, row_ok, qk_scale, ks, ke,
                       D: tl.constexpr, DP: tl.constexpr, TJ: tl.constexpr,
-                      IEEE: tl.constexpr, SPAN: tl.constexpr):
+                      IEEE: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr):
     """log2 score_ij of key blocks j0 .. j0 + TJ for one query block; -inf for j >= n_cols
-    (and, with SPAN, for j < j_lo).
+    (and, with SPAN, for j < j_lo). With SPAN each score is weighted by the block's share of
+    valid keys [ks, ke) (a block of 2 valid keys holds about 2 / BLOCK of a full block's mass;
+    without a span every scored block is full).
 
     qt: (DP, BLOCK) the query rows, transposed (padding rows and dims 0); kmean_row: this
     (batch, kv head)'s key means (M, D) in q's dtype (fp32 for fp32 q). qk_scale =
@@ -77,7 +79,11 @@ def _tile_log2_scores(qt, kmean_row, j0, j_lo, n_cols, row_ok, qk_scale,
     m = tl.max(logits, axis=1)
     # A masked key block has m = -inf; 0 keeps its exps at 0 instead of NaN (its score: -inf).
     m = tl.where(m == float("-inf"), 0.0, m)
-    return m + tl.log2(tl.sum(tl.exp2(logits - m[:, None]), axis=1))
+    ls = m + tl.log2(tl.sum(tl.exp2(logits - m[:, None]), axis=1))
+    if SPAN:
+        count = tl.minimum(ke, (js + 1) * BLOCK) - tl.maximum(ks, js * BLOCK)
+        ls += tl.log2(tl.maximum(count, 1).to(tl.float32) / BLOCK)
+    return ls
 
 
 @triton.jit
@@ -190,10 +196,15 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr, p0_ptr,
     row_ok = rows < S
     j_lo = 0
     sink_hi = sink_blocks
+    ks_b = 0
+    ke_b = S
     if SPAN:
+        ks_b = tl.load(ks_ptr + b)
+        ke_b = tl.load(ke_ptr + b)
         i, rows, row_ok, span_dense, j_lo, j_end = _span_row(
             p0_ptr, ks_ptr + b, ke_ptr + b, r, S, last_dense_blocks, BLOCK)
-        sink_hi = j_lo + sink_blocks
+        # the first sink_blocks * BLOCK valid keys: one block more when ks is not aligned
+        sink_hi = (ks_b + BLOCK - 1) // BLOCK + sink_blocks
     t_lo = j_lo // TJ   # the first tile holding a candidate block
     d = tl.arange(0, DP)
     q_offs = rows[:, None].to(tl.int64) * sqs + d[None, :] * sqd
@@ -225,7 +236,7 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr, p0_ptr,
         has_nan = tl.zeros([], dtype=tl.int32)
         for t in range(t_lo, n_tiles_a):
             ls = _tile_log2_scores(qt, kmean_row, t * TJ, j_lo, score_end, row_ok, qk_scale,
-                                   D, DP, TJ, IEEE, SPAN)
+                                   ks_b, ke_b, D, DP, TJ, IEEE, SPAN, BLOCK)
             js = t * TJ + tl.arange(0, TJ)
             tl.store(idx_ptr + row_out + g * HEAD + js, ls.to(tl.int32, bitcast=True),
                      mask=js < score_end)

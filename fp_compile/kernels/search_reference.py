@@ -3,8 +3,7 @@
 Block scores of the key-block means, the structural blocks, the mass guard's ladder and the
 threshold, for the whole causal sequence or for a call with a span (issue 11, ``Span`` in
 utils.py). The span's geometry, block by block: for batch row b and absolute query block i,
-the rows R(b, i) that score it, the candidate key blocks C(b, i), the first key block (sinks
-count from it) and the last query block that has keys (dense rows count back from it). A call
+the rows R(b, i) that score it, the candidate key blocks C(b, i), where the sinks start and the last query block that has keys (dense rows count back from it). A call
 without a span is the span p0 = 0, ks = 0, ke = S_q: ``span_blocks(None, ...)`` builds exactly
 that one, so both cases follow one rule.
 """
@@ -28,7 +27,9 @@ class SpanBlocks(NamedTuple):
     rows: (B, n * block_size) bool, the rows of R(b, i), block after block (the grid of key
     positions i0 * block_size ...); q's rows [q_lo, q_hi) cover the grid from its row ``pad``.
     candidate: (B, n, M) bool, C(b, i) = {j <= i holding a valid key}, empty where R(b, i) is.
-    first: (B, 1, 1) ks // block_size. last: (B, 1, 1) (min(ke, p0 + S_q) - 1) // block_size.
+    first: (B, 1, 1) ceil(ks / block_size): the sinks are the ``sink_blocks`` blocks from it on
+    and the partial block before it, so they hold the row's first sink_blocks * block_size valid
+    keys (an unaligned start does not shrink them to a few keys). last: (B, 1, 1) (min(ke, p0 + S_q) - 1) // block_size.
     """
     rows: torch.Tensor
     q_lo: int
@@ -60,9 +61,9 @@ def span_blocks(span: Span | None, B: int, S_q: int, M: int, block_size: int, i0
     live = rows.view(B, n, block_size).any(dim=-1)[:, :, None]
     i = torch.arange(i0, i1, device=device)[None, :, None]
     j = torch.arange(M, device=device)[None, None, :]
-    first = (ks // block_size)[:, None, None]
+    first = (-(-ks // block_size))[:, None, None]
     has_keys = (ke > ks)[:, None, None]
-    candidate = (j >= first) & (j <= ((ke - 1) // block_size)[:, None, None]) & (j <= i)
+    candidate = (j >= (ks // block_size)[:, None, None]) & (j <= ((ke - 1) // block_size)[:, None, None]) & (j <= i)
     last = ((ke.clamp(max=p0 + S_q) - 1) // block_size)[:, None, None]
     return SpanBlocks(rows, q_lo, q_hi, q_lo + p0 - i0 * block_size,
                       candidate & has_keys & live, first, last)
@@ -96,6 +97,14 @@ def block_scores_reference(q: torch.Tensor, kmean: torch.Tensor, scale: float, b
     # Rows with no key block scored (i == 0) have m = -inf; keep them at zero, not NaN.
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     scores = torch.exp(logits - m).sum(dim=-2)  # (B,Hkv,G,n,M)
+    if span is not None:
+        # each block weighted by its share of valid keys (a full block: 1), so a boundary block
+        # of a few keys does not score like a full one
+        j = torch.arange(M, device=q.device)
+        ks, ke = span.ks.to(q.device, torch.long), span.ke.to(q.device, torch.long)
+        count = (torch.minimum(ke[:, None], (j + 1) * block_size)
+                 - torch.maximum(ks[:, None], j * block_size)).clamp_min(1)
+        scores = scores * (count.to(scores.dtype) / block_size)[:, None, None, None, :]
     return scores.flatten(1, 2)
 
 

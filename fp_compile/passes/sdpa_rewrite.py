@@ -107,7 +107,10 @@ def _plan(node: torch.fx.Node, layer: int, config: FlashPrefillConfig,
             if ("causal",) + key not in mask_reasons:
                 mask_reasons[("causal",) + key] = causal_mask_reason(mask, q, k)
             reason = mask_reasons[("causal",) + key]
-        if reason is not None and eligible(True) is None:
+        as_span = eligible(True) if reason is not None else None
+        if as_span == "decode (q_len 1)":
+            reason = as_span                    # a decode step's mask: not prefill at all
+        elif reason is not None and as_span is None:
             # a padded batch or queries at the end of a cache: a call with a span
             if ("span",) + key not in mask_reasons:
                 mask_reasons[("span",) + key] = span_mask_reason(mask, q, k)
