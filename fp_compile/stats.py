@@ -140,6 +140,7 @@ def record(layer: int, seq_len: int, batch: int, block_size: int, alpha: float,
     elif candidates is not None:
         possible = candidates.double().sum().clamp_min(1)
         per_head = kv_num_blocks.double().sum(dim=(0, 2)) / possible
+        heads = tuple(float(x) for x in per_head.cpu())
     else:
         M = kv_num_blocks.shape[-1]
         per_head = kv_num_blocks.double().sum(-1).mean(0) / (M * (M + 1) / 2)

@@ -44,7 +44,7 @@ def test_every_layer_rewritten_in_prefill(family):
     assert not report.skipped, report
 
 
-def test_padded_batch_stays_dense_with_reason():
+def test_padded_batch_is_rewritten_as_padded():
     model = tiny("llama")
     ids = prompt(2, 48)
     mask = torch.ones_like(ids)
@@ -52,9 +52,9 @@ def test_padded_batch_stays_dense_with_reason():
     with torch.no_grad():
         report = fp_compile.explain(model, ids, attention_mask=mask,
                                     config=FlashPrefillConfig(**EXACT))
-    assert not report.rewritten, report
-    assert [(s.layer, s.reason) for s in report.skipped] == [
-        (layer, "attn_mask given") for layer in range(TINY.n_layers)], report
+    assert [(r.layer, r.form) for r in report.rewritten] == [
+        (layer, "padded") for layer in range(TINY.n_layers)], report
+    assert not report.skipped, report
 
 
 def test_compiled_module_matches_eager_logits():
@@ -123,7 +123,7 @@ def test_causal_mask_in_graph_dynamic_lengths_one_graph(causal_mask_in_graph):
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_padded_batch_with_causal_mask_in_graph_stays_dense(causal_mask_in_graph):
+def test_padded_batch_with_causal_mask_in_graph_is_rewritten(causal_mask_in_graph):
     model = tiny("llama")
     ids = prompt(2, 48)
     mask = torch.ones_like(ids)
@@ -131,5 +131,4 @@ def test_padded_batch_with_causal_mask_in_graph_stays_dense(causal_mask_in_graph
     with torch.no_grad():
         report = fp_compile.explain(model, ids, attention_mask=mask,
                                     config=FlashPrefillConfig(**EXACT))
-    assert not report.rewritten, report
-    assert [s.reason for s in report.skipped] == ["attn_mask given"] * TINY.n_layers, report
+    assert [r.form for r in report.rewritten] == ["padded"] * TINY.n_layers, report
