@@ -87,7 +87,7 @@ def flash_prefill_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       q_pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """flash_prefill that also returns the log-sum-exp per query row, (B, H, S_q) fp32 (natural
     log; -inf for a row that sees no key), so results over parts of the keys can be merged.
-    Always runs the span dispatch (no dense fallback per kv group; see ``spans``)."""
+    Always runs the span dispatch (``spans``: its dense fallback is decided on the device)."""
     config = _config(block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
                      min_seq_len, kernel, mean_correction, gqa_shared, collect_stats,
                      vertical_slash, vs_threshold, mass_floor, dense_above)
@@ -127,8 +127,8 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             min_seq_len, kernel, mean_correction, gqa_shared, collect_stats, vertical_slash,
             vs_threshold, mass_floor, dense_above, layer)
     if span:
-        # No dense fallback per group here (see spans), so nothing needs the host: on CUDA
-        # with a static length the span dispatch is traced and its kernels land in Inductor's
+        # The span dispatch decides its dense fallback on the device, so nothing needs the
+        # host: on CUDA with a static length it is traced and its kernels land in Inductor's
         # code; elsewhere it runs in the opaque op.
         if (q.device.type != "cuda" or kernel == "reference" or collect_stats
                 or not isinstance(q.shape[2] < min_seq_len, bool)

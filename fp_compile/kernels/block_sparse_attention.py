@@ -119,6 +119,18 @@ def _span_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale, start_n, o
 
 
 @triton.jit
+def _open_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale, start_n, offs_n, ks, ke,
+               PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               SPAN: tl.constexpr):
+    """A key tile before the tile's first row: fully visible, or (SPAN) masked to [ks, ke)."""
+    if SPAN:
+        return _span_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale, start_n,
+                          offs_n, ks, ke, BLOCK_N, DOT_PRECISION)
+    return _visible_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale, PAD_D,
+                         DOT_PRECISION)
+
+
+@triton.jit
 def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vmean_ptr,
                     p0_ptr, ks_ptr, ke_ptr, lse_ptr,
                     sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
@@ -209,14 +221,9 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     for t in range(0, n_full * SUB):
         j = tl.load(idx_row + (t // SUB) * sin)
         start_n = (j * BLOCK_SIZE + (t % SUB) * BLOCK_N).to(tl.int64)
-        if SPAN:
-            acc, m_i, l_i = _span_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
-                                       v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
-                                       start_n, offs_n, ks, ke, BLOCK_N, DOT_PRECISION)
-        else:
-            acc, m_i, l_i = _visible_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
-                                          v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
-                                          PAD_D, DOT_PRECISION)
+        acc, m_i, l_i = _open_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
+                                   v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
+                                   start_n, offs_n, ks, ke, PAD_D, BLOCK_N, DOT_PRECISION, SPAN)
 
     # 2. The diagonal block, if kept (the first entry at or after i, when it equals i).
     first_after = tl.load(idx_row + n_full * sin, mask=n_full < num, other=-1)
@@ -228,14 +235,9 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     diag_hi = tl.where(first_after == i, tl.minimum(start_m + BLOCK_M, S), diag_lo)
     open_hi = tl.where(first_after == i, mask_lo, diag_lo)
     for start_n in range(diag_lo, open_hi, BLOCK_N):
-        if SPAN:
-            acc, m_i, l_i = _span_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
-                                       v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
-                                       start_n, offs_n, ks, ke, BLOCK_N, DOT_PRECISION)
-        else:
-            acc, m_i, l_i = _visible_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
-                                          v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
-                                          PAD_D, DOT_PRECISION)
+        acc, m_i, l_i = _open_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
+                                   v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
+                                   start_n, offs_n, ks, ke, PAD_D, BLOCK_N, DOT_PRECISION, SPAN)
     for start_n in range(mask_lo, diag_hi, BLOCK_N):
         acc, m_i, l_i = _masked_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
                                      v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
