@@ -22,9 +22,9 @@ exp2 form (scale * log2(e) folded into one multiply) and walks, in this order:
    with a sliding window of BLOCK_J entries (a chunk can hold at most BLOCK_J kept entries).
 
 With a span (padded batch rows, queries at an offset p0): query tiles are absolute (none
-straddles two selection blocks), each key sub-tile of steps 1-2 is tested once against the
-row's valid keys [ks, ke) and masked only when it crosses their bounds; rows that see no key
-give 0. Optionally each row's log-sum-exp is written (for merging partial results).
+straddles two selection blocks); only the kept blocks not wholly inside the row's valid keys
+[ks, ke) (at the two ends of the ascending list, and a diagonal holding a padding bound) take
+masks, the others run the unmasked loops; rows that see no key give 0. Optionally each row's log-sum-exp is written (for merging partial results).
 
 Entries of a kept list at or after the diagonal other than the diagonal itself are ignored,
 as in the reference. Query head h reads kv head h // (H // Hkv); k and v are never copied.
@@ -100,34 +100,15 @@ def _masked_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale, cols, of
 
 
 @triton.jit
-def _span_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale, start_n, offs_n, ks, ke,
-               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """A key tile before every row of the query tile, under a span's valid keys [ks, ke):
-    skipped when none of its keys is valid; one dot, whose logits are masked only when the
-    tile crosses ks or ke (one scalar test), so full tiles pay no mask."""
-    if (start_n < ke) & (start_n + BLOCK_N > ks):
-        cols = start_n + offs_n
-        col_ok = (cols >= ks) & (cols < ke)
-        kv_mask = col_ok[:, None] & kv_d_mask
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if (start_n < ks) | (start_n + BLOCK_N > ke):
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, True)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _open_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale, start_n, offs_n, ks, ke,
-               PAD_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               SPAN: tl.constexpr):
-    """A key tile before the tile's first row: fully visible, or (SPAN) masked to [ks, ke)."""
-    if SPAN:
-        return _span_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale, start_n,
-                          offs_n, ks, ke, BLOCK_N, DOT_PRECISION)
-    return _visible_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, kv_d_mask, qk_scale, PAD_D,
-                         DOT_PRECISION)
+def _edge_tile(acc, m_i, l_i, q, idx_row, t, sin, k_base, v_base, k_tile, v_tile, sks, svs,
+               kv_d_mask, qk_scale, offs_n, offs_m, ks, ke, SUB: tl.constexpr,
+               BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Sub-tile t % SUB of kept entry t // SUB, before the diagonal, masked to keys [ks, ke)."""
+    j = tl.load(idx_row + (t // SUB) * sin)
+    start_n = (j * BLOCK_SIZE + (t % SUB) * BLOCK_N).to(tl.int64)
+    return _masked_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
+                        v_base + start_n * svs + v_tile, kv_d_mask, qk_scale, start_n + offs_n,
+                        offs_m, ks, ke, False, True, DOT_PRECISION)
 
 
 @triton.jit
@@ -217,13 +198,37 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
         n_full -= 1
         last = tl.load(idx_row + (n_full - 1) * sin, mask=n_full > 0, other=-1)
 
-    # 1. Kept blocks before the diagonal: full and fully visible.
-    for t in range(0, n_full * SUB):
+    # 1. Kept blocks before the diagonal: full and fully visible. With a span, the entries at
+    # either end of the ascending list whose block is not wholly inside [ks, ke) (a padding
+    # start or end inside it) take masks; the rest run the same unmasked loop as without one
+    # (no branch in the loop body, which would stop Triton pipelining its loads).
+    t_lo = 0
+    t_hi = n_full
+    if SPAN:
+        first_full = tl.cdiv(ks, BLOCK_SIZE)     # blocks j >= it start at or after ks
+        end_full = ke // BLOCK_SIZE               # blocks j < it end at or before ke
+        j_edge = tl.load(idx_row, mask=n_full > 0, other=first_full)
+        while j_edge < first_full:
+            t_lo += 1
+            j_edge = tl.load(idx_row + t_lo * sin, mask=t_lo < n_full, other=first_full)
+        j_edge = tl.load(idx_row + (t_hi - 1) * sin, mask=t_hi > t_lo, other=-1)
+        while j_edge >= end_full:
+            t_hi -= 1
+            j_edge = tl.load(idx_row + (t_hi - 1) * sin, mask=t_hi > t_lo, other=-1)
+        for t in range(0, t_lo * SUB):
+            acc, m_i, l_i = _edge_tile(acc, m_i, l_i, q, idx_row, t, sin, k_base, v_base, k_tile,
+                                       v_tile, sks, svs, kv_d_mask, qk_scale, offs_n, offs_m,
+                                       ks, ke, SUB, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+        for t in range(t_hi * SUB, n_full * SUB):
+            acc, m_i, l_i = _edge_tile(acc, m_i, l_i, q, idx_row, t, sin, k_base, v_base, k_tile,
+                                       v_tile, sks, svs, kv_d_mask, qk_scale, offs_n, offs_m,
+                                       ks, ke, SUB, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+    for t in range(t_lo * SUB, t_hi * SUB):
         j = tl.load(idx_row + (t // SUB) * sin)
         start_n = (j * BLOCK_SIZE + (t % SUB) * BLOCK_N).to(tl.int64)
-        acc, m_i, l_i = _open_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
-                                   v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
-                                   start_n, offs_n, ks, ke, PAD_D, BLOCK_N, DOT_PRECISION, SPAN)
+        acc, m_i, l_i = _visible_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
+                                      v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
+                                      PAD_D, DOT_PRECISION)
 
     # 2. The diagonal block, if kept (the first entry at or after i, when it equals i).
     first_after = tl.load(idx_row + n_full * sin, mask=n_full < num, other=-1)
@@ -232,12 +237,15 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     # Key sub-tiles ending at or before start_m are fully visible; the rest up to the tile's
     # last row (or S) need the causal / sequence-end mask; later sub-tiles see nothing.
     mask_lo = diag_lo + ((start_m - diag_lo) // BLOCK_N) * BLOCK_N
+    if SPAN:
+        # A padding start in the block, or an end before mask_lo: masks on every sub-tile.
+        mask_lo = tl.where((diag_lo < ks) | (ke < mask_lo), diag_lo, mask_lo)
     diag_hi = tl.where(first_after == i, tl.minimum(start_m + BLOCK_M, S), diag_lo)
     open_hi = tl.where(first_after == i, mask_lo, diag_lo)
     for start_n in range(diag_lo, open_hi, BLOCK_N):
-        acc, m_i, l_i = _open_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
-                                   v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
-                                   start_n, offs_n, ks, ke, PAD_D, BLOCK_N, DOT_PRECISION, SPAN)
+        acc, m_i, l_i = _visible_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
+                                      v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
+                                      PAD_D, DOT_PRECISION)
     for start_n in range(mask_lo, diag_hi, BLOCK_N):
         acc, m_i, l_i = _masked_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
                                      v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
