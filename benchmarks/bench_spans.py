@@ -6,7 +6,8 @@
    one without padding. Dense baselines: cuDNN one by one (causal), and masked SDPA on the
    padded batch (the same mask; the backend SDPA picks for a boolean mask is recorded).
    Correctness in the same run: each row's valid output vs cuDNN on that prompt alone, and vs the
-   op on that prompt alone.
+   op on that prompt alone. cuDNN with the same mask (an additive bias) on the padded batch
+   too, checked against cuDNN on the longest prompt alone.
 2. ``--new`` new tokens over a ``--prefix`` cached prefix (default 32K over 96K): the op with
    S_q < S_kv vs dense attention with the same (bottom-right causal) mask: cuDNN with an additive
    bias, and SDPA with ``causal_lower_right``; relative error vs dense in the same run.
@@ -101,6 +102,27 @@ def padded_batch(args, cfg, dtype) -> dict:
            "no_host_sync": synced}
     res["speedup_alone"] = sum(cudnn_ms) / sum(alone_ms)
     if not args.skip_masked_dense:
+        # cuDNN with the same mask: an additive bias (B, 1, S, S), -inf off the padded causal
+        # mask; checked on the longest row against cuDNN on that prompt alone.
+        try:
+            bias = torch.zeros(B, 1, S, S, dtype=dtype, device="cuda")
+            bias.masked_fill_(~mask.bool()[:, None, None, :], float("-inf"))
+            bias.masked_fill_(~torch.ones(S, S, dtype=torch.bool, device="cuda").tril(),
+                              float("-inf"))
+            got = cudnn(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1),
+                        bias, causal=False)
+            n, (qi, ki, vi) = lengths[-1], prompts[-1]
+            res["cudnn_bias_err_longest_row"] = rel_err(got[B - 1:, :, S - n:], cudnn(qi, ki, vi))
+            del got
+            kr, vr = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
+            res["cudnn_bias_ms"] = cuda_time(lambda: cudnn(q, kr, vr, bias, causal=False),
+                                             max(2, args.reps // 3))[0]
+            res["speedup_batched_vs_cudnn_same_mask"] = res["cudnn_bias_ms"] / batch_ms
+            del kr, vr
+        except RuntimeError as e:
+            res["cudnn_bias_error"] = str(e)[:200]
+        bias = None
+        torch.cuda.empty_cache()
         G = H // Hkv
         visible = mask.bool()[:, None, None, :] & torch.ones(
             S, S, dtype=torch.bool, device="cuda").tril()[None, None]

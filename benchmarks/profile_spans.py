@@ -53,6 +53,43 @@ def stages(q, k, v, cfg, key_mask, reps) -> dict:
     }
 
 
+def search_parts(q, k, cfg, reps) -> dict:
+    """The last prompt's key means and pattern search, with and without a (full) span."""
+    from fp_compile.kernels.block_means import block_means
+    from fp_compile.kernels.pattern_search import pattern_search
+
+    bs, scale = cfg.block_size, q.shape[-1] ** -0.5
+    span = spans.span_of(q, k, torch.ones(1, k.shape[2], dtype=torch.int64, device="cuda"))
+    res = {}
+    for name, sp in (("plain", None), ("span", span)):
+        km = block_means(k, bs, out_dtype=q.dtype, span=sp)
+        res[f"block_means_{name}_ms"] = cuda_time(
+            lambda: block_means(k, bs, out_dtype=q.dtype, span=sp), reps)[0]
+        res[f"search_{name}_ms"] = cuda_time(lambda: pattern_search(
+            q, k, scale, bs, cfg.alpha, cfg.sink_blocks, cfg.window_blocks,
+            cfg.last_dense_blocks, kmean=km, mass_floor=cfg.mass_floor, span=sp), reps)[0]
+    return res
+
+
+def registers() -> dict:
+    """Registers and spills of every compiled variant of the attention and search kernels."""
+    from fp_compile.kernels import block_sparse_attention as bsa
+    from fp_compile.kernels import pattern_search as ps
+
+    out = {}
+    for name, fn in (("attention", bsa._bsa_fwd_kernel), ("search", ps._pattern_search_kernel)):
+        for caches in getattr(fn, "device_caches", {}).values():
+            for key, kernel in caches[0].items():
+                try:
+                    kernel._init_handles()
+                    out[f"{name} {len(out)}"] = {
+                        "regs": kernel.n_regs, "spills": kernel.n_spills,
+                        "warps": kernel.metadata.num_warps, "key": str(key)[-400:]}
+                except Exception as e:  # noqa: BLE001 - a report, not a check
+                    out[f"{name} {len(out)}"] = {"error": str(e)[:200]}
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", default="16500,33000,48000,65536")
@@ -94,6 +131,10 @@ def main(argv=None) -> None:
         res["alone"].append(row)
     res["batch"] = stages(q, k, v, cfg, mask, args.reps)
     print(json.dumps(res["batch"]), flush=True)
+    res["search_parts"] = search_parts(qi, ki, cfg, args.reps)
+    print(json.dumps(res["search_parts"]), flush=True)
+    res["registers"] = registers()
+    print(json.dumps(res["registers"]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -170,8 +170,16 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     if SPAN:
         row_ok = row_ok & (offs_l >= 0)
     q_mask = row_ok[:, None] & d_ok[None, :]
+    ks = 0
+    ke = S
+    load_mask = q_mask
+    if SPAN:
+        ks = tl.load(ks_ptr + b)
+        ke = tl.minimum(tl.load(ke_ptr + b), S)
+        # Rows before the first valid key see none (left padding): their q is never read.
+        load_mask = q_mask & (offs_m >= ks)[:, None]
     q = tl.load(q_ptr + b * sqb + h * sqh + offs_l[:, None].to(tl.int64) * sqs
-                + offs_d[None, :] * sqd, mask=q_mask, other=0.0)
+                + offs_d[None, :] * sqd, mask=load_mask, other=0.0)
     k_base = k_ptr + b * skb + kvh * skh
     v_base = v_ptr + b * svb + kvh * svh
     k_tile = offs_n[:, None] * sks + offs_d[None, :] * skd  # (BLOCK_N, DP)
@@ -183,11 +191,7 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     acc = tl.zeros([BLOCK_M, DP], dtype=tl.float32)
 
     num = tl.load(num_ptr + b * snb + h * snh + li * snm)
-    ks = 0
-    ke = S
     if SPAN:
-        ks = tl.load(ks_ptr + b)
-        ke = tl.minimum(tl.load(ke_ptr + b), S)
         num = tl.where(start_m < q0 + SQ, num, 0)  # the last tile may hold no row of the call
     idx_row = idx_ptr + b * sib + h * sih + li.to(tl.int64) * sim
     # n_full = number of kept entries before the diagonal; the list is ascending, so trim the
