@@ -41,8 +41,8 @@ import triton.language as tl
 from .block_means import block_means
 # The reference lives in its own module; importing it from here keeps working.
 from .block_sparse_reference import (block_sparse_attention_reference,  # noqa: F401
-                                     check_span_options)
-from .utils import LOG2E, Span, check_kernel_dtype, interpreting, launcher, span_rows
+                                     check_span_and_lse, check_span_options)
+from .utils import LOG2E, Span, check_kernel_dtype, interpreting, launcher
 
 
 @triton.jit
@@ -360,27 +360,6 @@ def _autotuned_kernel(block_size: int, head_dim_p2: int, elt_bytes: int):
     return _AUTOTUNED[key]
 
 
-def _check_span_and_lse(span: Span | None, lse: torch.Tensor | None, q: torch.Tensor,
-                        kv_num_blocks: torch.Tensor, block_size: int) -> None:
-    """Shapes, dtypes and devices only (metadata): p0, ks, ke are never read here."""
-    B, H, SQ, _ = q.shape
-    if span is not None:
-        p0, ks, ke = span
-        for name, t, shape in (("p0", p0, (1,)), ("ks", ks, (B,)), ("ke", ke, (B,))):
-            if t.dtype != torch.int32 or tuple(t.shape) != shape or t.device != q.device:
-                raise ValueError(f"block_sparse_attention: span.{name} must be an int32 "
-                                 f"{shape} tensor on {q.device}, got {t.dtype} "
-                                 f"{tuple(t.shape)} on {t.device}")
-        rows = span_rows(SQ, block_size)
-        if kv_num_blocks.shape[-1] != rows:
-            raise ValueError(f"block_sparse_attention: a span's selection has span_rows(S_q, "
-                             f"block_size) = {rows} rows, got {kv_num_blocks.shape[-1]}")
-    if lse is not None and (lse.dtype != torch.float32 or tuple(lse.shape) != (B, H, SQ)
-                            or lse.device != q.device):
-        raise ValueError(f"block_sparse_attention: lse must be a float32 {(B, H, SQ)} tensor "
-                         f"on {q.device}, got {lse.dtype} {tuple(lse.shape)} on {lse.device}")
-
-
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
                            scale: float, block_size: int, *, mean_correction: bool = False,
@@ -414,7 +393,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        q_start)
     B, H, SQ, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    _check_span_and_lse(span, lse, q, kv_num_blocks, block_size)
+    check_span_and_lse(span, lse, q, kv_num_blocks, block_size)
     if q_start and (q_start % block_size or q_start + SQ > S):
         raise ValueError(f"block_sparse_attention: q_start={q_start} must be a multiple of "
                          f"block_size={block_size} with q_start + S_q <= S_kv={S}")

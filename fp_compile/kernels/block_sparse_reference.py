@@ -8,7 +8,7 @@ import torch
 
 from .block_means import key_block_stats
 from .utils import (Span, acc_dtype, cdiv, expand_indices, group_view, rows_per_chunk,
-                    span_visible)
+                    span_rows, span_visible)
 
 
 def check_span_options(what: str, mean_correction: bool, lse: bool, span: Span | None,
@@ -23,6 +23,28 @@ def check_span_options(what: str, mean_correction: bool, lse: bool, span: Span |
     if lse and mean_correction:
         raise ValueError(f"{what}: the log-sum-exp is not defined with mean_correction=True "
                          "(its pseudo-tokens are not keys)")
+
+
+def check_span_and_lse(span: Span | None, lse: torch.Tensor | None, q: torch.Tensor,
+                        kv_num_blocks: torch.Tensor, block_size: int) -> None:
+    """The kernel's checks of a span and an LSE buffer: shapes, dtypes and devices only
+    (metadata): p0, ks, ke are never read here."""
+    B, H, SQ, _ = q.shape
+    if span is not None:
+        p0, ks, ke = span
+        for name, t, shape in (("p0", p0, (1,)), ("ks", ks, (B,)), ("ke", ke, (B,))):
+            if t.dtype != torch.int32 or tuple(t.shape) != shape or t.device != q.device:
+                raise ValueError(f"block_sparse_attention: span.{name} must be an int32 "
+                                 f"{shape} tensor on {q.device}, got {t.dtype} "
+                                 f"{tuple(t.shape)} on {t.device}")
+        rows = span_rows(SQ, block_size)
+        if kv_num_blocks.shape[-1] != rows:
+            raise ValueError(f"block_sparse_attention: a span's selection has span_rows(S_q, "
+                             f"block_size) = {rows} rows, got {kv_num_blocks.shape[-1]}")
+    if lse is not None and (lse.dtype != torch.float32 or tuple(lse.shape) != (B, H, SQ)
+                            or lse.device != q.device):
+        raise ValueError(f"block_sparse_attention: lse must be a float32 {(B, H, SQ)} tensor "
+                         f"on {q.device}, got {lse.dtype} {tuple(lse.shape)} on {lse.device}")
 
 
 def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
