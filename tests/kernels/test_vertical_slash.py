@@ -1,0 +1,109 @@
+"""The vertical/slash probe's Triton kernel against its plain-torch reference.
+
+On CPU the kernel runs in Triton's interpreter (fp16/fp32, small shapes); on a GPU in bf16 at a
+long length. The scores must match the reference and the block flags derived from them must be
+the reference's flags.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fp_compile.demo.synthetic import planted_qkv
+from fp_compile.kernels.vertical_slash import (flags_from_scores, vertical_slash_flags,
+                                               vertical_slash_flags_reference,
+                                               vertical_slash_scores,
+                                               vertical_slash_scores_reference)
+from tests.helpers import DEVICE, assert_close, gpu
+
+
+def scores_match(q, k, bs, atol=2e-6):
+    scale = 1 / math.sqrt(q.shape[-1])
+    col, diag = vertical_slash_scores(q, k, scale, bs)
+    ref_col, ref_diag = vertical_slash_scores_reference(q, k, scale, bs)
+    assert col.shape == ref_col.shape and diag.shape == ref_diag.shape
+    assert torch.isfinite(col).all() and torch.isfinite(diag).all()
+    assert_close(col, ref_col, atol, 1e-4, "column scores")
+    assert_close(diag, ref_diag, atol, 1e-4, "diagonal scores")
+    return col, diag, ref_col, ref_diag
+
+
+# S, bs: the last query block holds R = S - (M - 1) * bs probe rows: 8, 16, 58, 44, 128, 1
+@pytest.mark.parametrize("B,H,Hkv,S,D,bs,dtype", [
+    (1, 4, 2, 200, 32, 32, torch.float32),
+    (2, 3, 1, 96, 16, 16, torch.float32),
+    (1, 2, 2, 250, 64, 64, torch.float16),
+    (1, 4, 1, 300, 32, 128, torch.float32),
+    (1, 2, 1, 256, 32, 128, torch.float32),
+    (1, 2, 2, 129, 32, 64, torch.float32),
+])
+def test_scores_and_flags_match_the_reference(B, H, Hkv, S, D, bs, dtype):
+    q, k, _ = planted_qkv(B, H, Hkv, S, D, seed=S, dtype=dtype, device=DEVICE)
+    col, diag, _, _ = scores_match(q, k, bs)
+    for threshold in (0.005, 0.015):
+        got = flags_from_scores(col, diag, bs, threshold)
+        want = vertical_slash_flags_reference(q, k, 1 / math.sqrt(D), bs, threshold)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert want[0].any()   # the planted inputs have heavy columns at these thresholds
+
+
+def test_the_probe_sees_planted_slash_lines():
+    """Diagonal scores are not all ~0: the kernel's diagonal path is exercised, not only its
+    columns (a probe block of several rows over planted slash lines)."""
+    q, k, _ = planted_qkv(1, 4, 2, 320, 32, seed=3, dtype=torch.float32, device=DEVICE)
+    _, diag, _, ref_diag = scores_match(q, k, 64)
+    assert ref_diag.max() > 0.01 and diag.max() > 0.01
+
+
+@settings(max_examples=12, deadline=None)
+@given(S=st.integers(2, 300), bs=st.sampled_from([16, 32, 64, 128]),
+       D=st.sampled_from([16, 24, 64]), groups=st.sampled_from([1, 2, 3]),
+       Hkv=st.sampled_from([1, 2]), seed=st.integers(0, 1000),
+       random=st.booleans())
+def test_property_scores_match_the_reference(S, bs, D, groups, Hkv, seed, random):
+    if random:
+        g = torch.Generator().manual_seed(seed)
+        q = (torch.randn(1, Hkv * groups, S, D, generator=g) * 2).to(DEVICE)
+        k = torch.randn(1, Hkv, S, D, generator=g).to(DEVICE)
+    else:
+        q, k, _ = planted_qkv(1, Hkv * groups, Hkv, S, D, seed=seed, dtype=torch.float32,
+                              device=DEVICE)
+    scores_match(q, k, bs)
+
+
+def test_strided_inputs_and_the_dispatch_choice():
+    q, k, _ = planted_qkv(1, 4, 2, 160, 32, seed=7, dtype=torch.float32, device=DEVICE)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)     # (B, S, H, D) memory
+    scores_match(qt, k[..., :].transpose(-1, -2).contiguous().transpose(-1, -2), 32)
+    # kernel=None picks the kernel where it runs, the reference above blocks of 128
+    got = vertical_slash_flags(q, k, 0.2, 32, 0.01)
+    want = vertical_slash_flags(q, k, 0.2, 32, 0.01, kernel=False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    big = vertical_slash_flags(q, k, 0.2, 256, 0.01)
+    ref = vertical_slash_flags_reference(q, k, 0.2, 256, 0.01)
+    assert torch.equal(big[0], ref[0]) and torch.equal(big[1], ref[1])
+
+
+def test_refuses_large_blocks_and_other_dtypes():
+    q, k, _ = planted_qkv(1, 2, 1, 64, 16, seed=0, dtype=torch.float32)
+    with pytest.raises(ValueError, match="block_size=256"):
+        vertical_slash_scores(q, k, 0.25, 256)
+    with pytest.raises(TypeError, match="float16/bfloat16/float32"):
+        vertical_slash_scores(q.double(), k.double(), 0.25, 16)
+
+
+@gpu
+def test_gpu_bf16_long_probe_matches_the_reference():
+    q, k, _ = planted_qkv(1, 8, 2, 8192 + 77, 128, seed=2, dtype=torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    col, diag, ref_col, ref_diag = scores_match(q, k, 128, atol=1e-5)
+    flags = flags_from_scores(col, diag, 128, 0.015)
+    ref = vertical_slash_flags_reference(q, k, 1 / math.sqrt(128), 128, 0.015)
+    # equal except where a score sits within rounding of the threshold
+    near = ((ref_col - 0.015).abs() < 1e-5).any() or ((ref_diag - 0.015).abs() < 1e-5).any()
+    if not near:
+        assert torch.equal(flags[0], ref[0]) and torch.equal(flags[1], ref[1])
+    assert ref[0].any()
