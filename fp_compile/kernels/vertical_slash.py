@@ -103,7 +103,7 @@ def _probe_lse_kernel(q_ptr, k_ptr, m_ptr, l_ptr, sqb, sqh, sqs, sqd, skb, skh, 
 def _probe_scores_kernel(q_ptr, k_ptr, lse_ptr, col_ptr, first_ptr, second_ptr,
                          sqb, sqh, sqs, sqd, skb, skh, sks, skd, S, R, H, G, qk_scale,
                          D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, DIAGONALS: tl.constexpr):
     """Grid (B * H, key tiles): the probe rows' softmax p over the tile's keys (lse: (B * H,
     BLOCK) log2 units); column[s] = sum_r p[r, s] / R stored; excess x[r, s] = p[r, s] -
     column[s] (s <= r) summed along each diagonal o = r - s over the first R // 2 rows and over
@@ -136,6 +136,8 @@ def _probe_scores_kernel(q_ptr, k_ptr, lse_ptr, col_ptr, first_ptr, second_ptr,
     column = tl.sum(p, 0) / R
     out = bh.to(tl.int64) * S
     tl.store(col_ptr + out + s0 + offs_n, column, mask=s0 + offs_n < S)
+    if not DIAGONALS:
+        return
     x = tl.where(visible, p - column[None, :], 0.0)
     first_rows = (offs_r < R // 2)[:, None]
     c = offs_n[None, :]
@@ -156,11 +158,14 @@ def _probe_scores_kernel(q_ptr, k_ptr, lse_ptr, col_ptr, first_ptr, second_ptr,
                       sem="relaxed")
 
 
-def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, scale: float,
-                          block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
+                          *, num_warps: int | None = None, diagonals: bool = True
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``vertical_slash_scores_reference``: (column, diagonal), each (B, H, S) fp32.
 
-    q (B, H, S, D), k (B, Hkv, S, D), fp16/bf16/fp32, any strides; block_size <= 128."""
+    q (B, H, S, D), k (B, Hkv, S, D), fp16/bf16/fp32, any strides; block_size <= 128.
+    num_warps: launch option (tuning); diagonals=False skips the diagonal sums (tuning: their
+    share of the time), leaving the diagonal scores 0."""
     check_kernel_dtype(q, "vertical_slash_scores")
     if block_size > 128:
         raise ValueError(f"vertical_slash_scores: block_size={block_size} above 128 (the "
@@ -179,7 +184,8 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, scale: float,
     l = torch.empty_like(m)
     qk_scale = float(scale) * LOG2E
     strides = (*q.stride(), *k.stride())
-    opts = {} if interpreting() else dict(num_warps=8 if BLOCK * DP >= 128 * 128 else 4)
+    opts = {} if interpreting() else dict(
+        num_warps=num_warps or (8 if BLOCK * DP >= 128 * 128 else 4))
     launcher(_probe_lse_kernel)[(B * H, splits)](
         q, k, m, l, *strides, S, R, H, H // Hkv, per_split, qk_scale,
         D=D, DP=DP, BLOCK=BLOCK, DOT_PRECISION=precision, **opts)
@@ -191,7 +197,7 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, scale: float,
     second = torch.zeros_like(first)
     launcher(_probe_scores_kernel)[(B * H, tiles)](
         q, k, lse.contiguous(), column, first, second, *strides, S, R, H, H // Hkv, qk_scale,
-        D=D, DP=DP, BLOCK=BLOCK, DOT_PRECISION=precision, **opts)
+        D=D, DP=DP, BLOCK=BLOCK, DOT_PRECISION=precision, DIAGONALS=diagonals, **opts)
     if R == 1:
         return column, second
     return column, torch.minimum(first, second) * (2.0 / R)

@@ -107,3 +107,11 @@ def test_gpu_bf16_long_probe_matches_the_reference():
     if not near:
         assert torch.equal(flags[0], ref[0]) and torch.equal(flags[1], ref[1])
     assert ref[0].any()
+
+
+def test_columns_only_mode_keeps_the_columns():
+    q, k, _ = planted_qkv(1, 2, 1, 200, 32, seed=5, dtype=torch.float32, device=DEVICE)
+    col, diag = vertical_slash_scores(q, k, 0.2, 64, diagonals=False)
+    ref_col, ref_diag = vertical_slash_scores_reference(q, k, 0.2, 64)
+    assert_close(col, ref_col, 2e-6, 1e-4, "column scores")
+    assert ref_diag.abs().max() > 0 and (diag == 0).all()
