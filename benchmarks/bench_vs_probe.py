@@ -42,7 +42,8 @@ def main(argv=None) -> None:
         row = {"S": S, "column_max_diff": (col - ref_col).abs().max().item(),
                "diagonal_max_diff": (diag - ref_diag).abs().max().item(),
                "flags_equal": bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])),
-               "heavy_column_blocks": int(want[0].sum()), "heavy_diagonal_blocks": int(want[1].sum())}
+               "heavy_column_blocks": int(want[0].sum()),
+               "heavy_diagonal_blocks": int(want[1].sum())}
         del ref_col, ref_diag
         for w in (8, 4):
             for diagonals in (True, False):
