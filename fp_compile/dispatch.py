@@ -88,27 +88,40 @@ def select_mask(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPre
 
 
 def select(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig, *,
-           kmean: torch.Tensor | None = None, with_mass: bool = False) -> Selection:
+           kmean: torch.Tensor | None = None, with_mass: bool = False,
+           vs_blocks: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:
     """Kept key blocks per query block (the mass guard included), compact.
 
     With the vertical/slash detector on, the GQA union is taken after it adds its blocks, as
-    the reference does. ``kmean``: precomputed key-block means (mean correction shares them).
+    the reference does: the Triton search ORs the detector's flags into each head's kept set
+    before the union, so no (B, H, M, M) mask is ever built. ``kmean``: precomputed key-block
+    means (mean correction shares them); ``vs_blocks``: the flags when the caller has them
+    already (``vs_flags``).
     """
     if not use_triton(q, config.kernel):
         keep, mass = select_mask(q, k, scale, config, return_mass=True)
         return Selection(*ku.compact_mask(keep), mass if with_mass else None)
     from .kernels.pattern_search import pattern_search
 
+    if vs_blocks is None:
+        vs_blocks = vs_flags(q, k, scale, config)
     num, idx, *mass = pattern_search(
         q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
-        config.last_dense_blocks, gqa_shared=config.gqa_shared and not config.vertical_slash,
-        kmean=kmean, mass_floor=config.mass_floor, return_mass=with_mass)
-    if config.vertical_slash:
-        from .kernels.vertical_slash import add_vertical_slash_compact
-
-        num, idx = add_vertical_slash_compact(q, k, num, idx, scale, config.block_size,
-                                              config.vs_threshold, gqa_shared=config.gqa_shared)
+        config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
+        mass_floor=config.mass_floor, return_mass=with_mass, vs_blocks=vs_blocks)
     return Selection(num, idx, mass[0] if mass else None)
+
+
+def vs_flags(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The vertical/slash detector's (column_blocks, diagonal_blocks), each (B, H, M) bool, for
+    the Triton search's ``vs_blocks``; None when the detector is off. Computed once per call:
+    it reads the whole prompt's last query block, whichever rows a search selects."""
+    if not config.vertical_slash:
+        return None
+    from .kernels.vertical_slash import vertical_slash_flags
+
+    return vertical_slash_flags(q, k, scale, config.block_size, config.vs_threshold)
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import fp_compile
 from fp_compile import FlashPrefillConfig, dispatch, flash_prefill
+from fp_compile.kernels import utils as ku
 from fp_compile.accuracy import rel_l2
 from fp_compile.demo.synthetic import planted_qkv
 from tests.helpers import assert_close, gpu
@@ -236,3 +237,22 @@ def test_property_chunks_and_probe_equal_the_reference(S, block, groups, chunk, 
     finally:
         dispatch.PROBE_ROWS = saved_probe
     assert_close(out, want, 3e-5, 3e-5)
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.8], ids=["paper", "guard"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
+def test_select_with_vertical_slash_equals_the_reference(shared, floor):
+    # the Triton search ORs the detector's flags into each head's row, before the GQA union
+    q, k, _ = planted_qkv(1, 4, 2, 384, 32, seed=6)
+    config = FlashPrefillConfig(**dict(TRITON, block_size=16), alpha=0.3, sink_blocks=1,
+                                window_blocks=1, last_dense_blocks=1, gqa_shared=shared,
+                                mass_floor=floor, vertical_slash=True, vs_threshold=0.01)
+    scale = 32 ** -0.5
+    sel = dispatch.select(q, k, scale, config, with_mass=True)
+    keep, mass = dispatch.select_mask(q, k, scale, config.replace(kernel="reference"),
+                                      return_mass=True)
+    num, idx = ku.compact_mask(keep)
+    assert torch.equal(sel.num, num) and torch.equal(sel.idx, idx)
+    assert_close(sel.mass, mass, 1e-6, 1e-6, "mass")
+    plain = dispatch.select(q, k, scale, config.replace(vertical_slash=False))
+    assert int(sel.num.sum()) > int(plain.num.sum()), "the detector should add blocks here"
