@@ -88,27 +88,40 @@ def select_mask(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPre
 
 
 def select(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig, *,
-           kmean: torch.Tensor | None = None, with_mass: bool = False) -> Selection:
+           kmean: torch.Tensor | None = None, with_mass: bool = False,
+           vs_blocks: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:
     """Kept key blocks per query block (the mass guard included), compact.
 
     With the vertical/slash detector on, the GQA union is taken after it adds its blocks, as
-    the reference does. ``kmean``: precomputed key-block means (mean correction shares them).
+    the reference does: the Triton search ORs the detector's flags into each head's kept set
+    before the union, so no (B, H, M, M) mask is ever built. ``kmean``: precomputed key-block
+    means (mean correction shares them); ``vs_blocks``: the flags when the caller has them
+    already (``vs_flags``).
     """
     if not use_triton(q, config.kernel):
         keep, mass = select_mask(q, k, scale, config, return_mass=True)
         return Selection(*ku.compact_mask(keep), mass if with_mass else None)
     from .kernels.pattern_search import pattern_search
 
+    if vs_blocks is None:
+        vs_blocks = vs_flags(q, k, scale, config)
     num, idx, *mass = pattern_search(
         q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
-        config.last_dense_blocks, gqa_shared=config.gqa_shared and not config.vertical_slash,
-        kmean=kmean, mass_floor=config.mass_floor, return_mass=with_mass)
-    if config.vertical_slash:
-        from .kernels.vertical_slash import add_vertical_slash_compact
-
-        num, idx = add_vertical_slash_compact(q, k, num, idx, scale, config.block_size,
-                                              config.vs_threshold, gqa_shared=config.gqa_shared)
+        config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
+        mass_floor=config.mass_floor, return_mass=with_mass, vs_blocks=vs_blocks)
     return Selection(num, idx, mass[0] if mass else None)
+
+
+def vs_flags(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The vertical/slash detector's (column_blocks, diagonal_blocks), each (B, H, M) bool, for
+    the Triton search's ``vs_blocks``; None when the detector is off. Computed once per call:
+    it reads the whole prompt's last query block, whichever rows a search selects."""
+    if not config.vertical_slash:
+        return None
+    from .kernels.vertical_slash import vertical_slash_flags
+
+    return vertical_slash_flags(q, k, scale, config.block_size, config.vs_threshold)
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -180,29 +193,30 @@ def chunk_rows(B: int, H: int, M: int) -> int:
 
 
 def in_chunks(q: torch.Tensor, block_size: int) -> bool:
-    """Whether a call on q selects in more than one chunk (the vertical/slash detector aside)."""
+    """Whether a call on q selects in more than one chunk."""
     M = ku.cdiv(q.shape[2], block_size)
     return chunk_rows(q.shape[0], q.shape[1], M) < M
 
 
 def _chunk(q: torch.Tensor, config: FlashPrefillConfig) -> tuple[int, int]:
-    """(M, query blocks per chunk of this call): one chunk with the vertical/slash detector,
-    which adds blocks to whole rows of the selection."""
+    """(M, query blocks per chunk of this call). The vertical/slash detector does not need
+    whole rows: its flags, computed once per call (``vs_flags``), go into every chunk's
+    search, which reads them at its absolute query blocks."""
     M = cdiv_blocks(q, config)
-    return M, M if config.vertical_slash else chunk_rows(q.shape[0], q.shape[1], M)
+    return M, chunk_rows(q.shape[0], q.shape[1], M)
 
 
 def _search_rows(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig,
                  kmean: torch.Tensor | None, rows: tuple[int, int, int],
-                 with_mass: bool = False) -> Selection:
-    """The Triton search of the query blocks ``rows`` (start, step, n), without the
-    vertical/slash detector (which needs whole rows: ``select``)."""
+                 with_mass: bool = False, vs_blocks=None) -> Selection:
+    """The Triton search of the query blocks ``rows`` (start, step, n); ``vs_blocks``: the
+    call's vertical/slash flags (``vs_flags``; None when the detector is off)."""
     from .kernels.pattern_search import pattern_search
 
     num, idx, *mass = pattern_search(
         q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
         config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
-        mass_floor=config.mass_floor, return_mass=with_mass, rows=rows)
+        mass_floor=config.mass_floor, return_mass=with_mass, rows=rows, vs_blocks=vs_blocks)
     return Selection(num, idx, mass[0] if mass else None)
 
 
@@ -233,17 +247,18 @@ def dense_groups_of(num: torch.Tensor, num_kv_heads: int, dense_above: float) ->
 
 
 def probe(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig,
-          kmean: torch.Tensor | None = None, ahead: Optional[Callable] = None):
+          kmean: torch.Tensor | None = None, ahead: Optional[Callable] = None, vs_blocks=None):
     """The dense decision, on the host: ((B, Hkv) bool flags, ahead() or None).
 
     The flags come from the selection of the probe rows (``probe_rows``) with the Triton
     search, copied to pinned host memory asynchronously; ``ahead`` (the first chunk's
     selection, which the sparse path needs) is queued behind the copy before the host waits,
     so the GPU works through the host's wait: a sparse call loses only the probe (about
-    PROBE_ROWS / M of the search), a dense call the probe and ``ahead``'s work.
+    PROBE_ROWS / M of the search), a dense call the probe and ``ahead``'s work. ``vs_blocks``:
+    the call's vertical/slash flags, whose blocks count in the density as in the reference.
     """
     rows = probe_rows(cdiv_blocks(q, config))
-    num = _search_rows(q, k, scale, config, kmean, rows).num
+    num = _search_rows(q, k, scale, config, kmean, rows, vs_blocks=vs_blocks).num
     flags_dev = dense_groups(num, k.shape[1], config.dense_above, rows)
     ready = None
     if q.device.type == "cuda":
@@ -265,34 +280,38 @@ def cdiv_blocks(q: torch.Tensor, config: FlashPrefillConfig) -> int:
 
 
 def first_selection(q: torch.Tensor, k: torch.Tensor, scale: float,
-                    config: FlashPrefillConfig, kmean=None, with_mass: bool = False
-                    ) -> Selection:
+                    config: FlashPrefillConfig, kmean=None, with_mass: bool = False,
+                    vs_blocks=None) -> Selection:
     """The selection ``sparse_chunks`` starts with: the whole one when it fits one chunk, else
     the first chunk's (query blocks 0 .. chunk_rows - 1)."""
     M, step = _chunk(q, config)
     if step >= M:
-        return select(q, k, scale, config, kmean=kmean, with_mass=with_mass)
-    return _search_rows(q, k, scale, config, kmean, (0, 1, step), with_mass)
+        return select(q, k, scale, config, kmean=kmean, with_mass=with_mass,
+                      vs_blocks=vs_blocks)
+    return _search_rows(q, k, scale, config, kmean, (0, 1, step), with_mass, vs_blocks)
 
 
 def sparse_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   config: FlashPrefillConfig, kmean=None, vmean=None,
                   skip_heads: torch.Tensor | None = None, attend: bool = True,
                   with_mass: bool = False, sel: Optional[Selection] = None,
-                  first: Optional[Selection] = None
+                  first: Optional[Selection] = None, vs_blocks=None
                   ) -> tuple[Optional[torch.Tensor], Selection]:
     """Select and attend a chunk of query blocks at a time (``chunk_rows``) with the Triton
     kernels. Returns (out or None when not ``attend``, Selection(num (B, H, M), idx of the last
     chunk, mass or None)). skip_heads: (B, H) bool on the device, heads whose rows are emptied
     (the kernel skips them; the caller runs them dense). sel: the whole selection, when the
     caller has it already (it is then used as it is, in one chunk). first: what
-    ``first_selection`` returned (the whole selection, or the first chunk's)."""
+    ``first_selection`` returned (the whole selection, or the first chunk's). vs_blocks: the
+    call's vertical/slash flags (``vs_flags``), computed here when None and the detector is on.
+    """
     S = q.shape[2]
     M, step = _chunk(q, config)
     if step >= M or sel is not None:
         sel = sel if sel is not None else first
         if sel is None:
-            sel = select(q, k, scale, config, kmean=kmean, with_mass=with_mass)
+            sel = select(q, k, scale, config, kmean=kmean, with_mass=with_mass,
+                         vs_blocks=vs_blocks)
         num = sel.num if skip_heads is None else sel.num.masked_fill(skip_heads[..., None], 0)
         out = sparse(q, k, v, scale, config, num, sel.idx, kmean, vmean) if attend else None
         return out, sel
@@ -300,6 +319,8 @@ def sparse_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         from .kernels.block_means import block_means
 
         kmean = block_means(k, config.block_size, out_dtype=q.dtype)
+    if vs_blocks is None:
+        vs_blocks = vs_flags(q, k, scale, config)
     out = torch.empty_like(q) if attend else None
     chunks = []
     bs = config.block_size
@@ -308,7 +329,7 @@ def sparse_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         if i0 == 0 and first is not None:
             chunk = first
         else:
-            chunk = _search_rows(q, k, scale, config, kmean, (i0, 1, n), with_mass)
+            chunk = _search_rows(q, k, scale, config, kmean, (i0, 1, n), with_mass, vs_blocks)
         chunks.append(chunk)
         num = chunk.num
         if skip_heads is not None:
@@ -362,24 +383,28 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
     else:
         # Shared by the probe and every chunk's search.
         kmean = block_means(k, config.block_size, out_dtype=q.dtype)
+    # The vertical/slash flags, once per call: the probe and every chunk read them.
+    vs = vs_flags(q, k, scale, config)
     flags = skip = sel = first = None
     if config.dense_above < 1 and not _capturing(q):
         M, step = _chunk(q, config)
-        if config.vertical_slash or (probe_rows(M)[1] == 1 and step >= M):
+        if probe_rows(M)[1] == 1 and step >= M:
             # The whole selection first, in one chunk, when the probe would read every row
-            # anyway, or the vertical/slash blocks (added to whole rows) must count too.
-            sel = select(q, k, scale, config, kmean=kmean, with_mass=config.collect_stats)
+            # anyway.
+            sel = select(q, k, scale, config, kmean=kmean, with_mass=config.collect_stats,
+                         vs_blocks=vs)
             flags = dense_groups_of(sel.num, k.shape[1], config.dense_above).cpu()
         else:
             flags, first = probe(q, k, scale, config, kmean, ahead=lambda: first_selection(
-                q, k, scale, config, kmean, config.collect_stats))
+                q, k, scale, config, kmean, config.collect_stats, vs), vs_blocks=vs)
     all_dense = flags is not None and bool(flags.all())
     if all_dense and not config.collect_stats:
         return dense(q, k, v, scale)       # nothing queued between the host's wait and cuDNN
     if flags is not None and bool(flags.any()):
         skip = flags.to(q.device).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     out, sel = sparse_chunks(q, k, v, scale, config, kmean, vmean, skip, attend=not all_dense,
-                             with_mass=config.collect_stats, sel=sel, first=first)
+                             with_mass=config.collect_stats, sel=sel, first=first,
+                             vs_blocks=vs)
     if flags is not None:
         out = _dense_runs(q, k, v, scale, flags, out)
     if config.collect_stats:

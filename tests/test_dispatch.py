@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import fp_compile
 from fp_compile import FlashPrefillConfig, dispatch, flash_prefill
+from fp_compile.kernels import utils as ku
 from fp_compile.accuracy import rel_l2
 from fp_compile.demo.synthetic import planted_qkv
 from tests.helpers import assert_close, gpu
@@ -235,4 +236,84 @@ def test_property_chunks_and_probe_equal_the_reference(S, block, groups, chunk, 
         want = dispatch.reference(q, k, v, None, config)
     finally:
         dispatch.PROBE_ROWS = saved_probe
+    assert_close(out, want, 3e-5, 3e-5)
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.8], ids=["paper", "guard"])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
+def test_select_with_vertical_slash_equals_the_reference(shared, floor):
+    # the Triton search ORs the detector's flags into each head's row, before the GQA union
+    q, k, _ = planted_qkv(1, 4, 2, 384, 32, seed=6)
+    config = FlashPrefillConfig(**dict(TRITON, block_size=16), alpha=0.3, sink_blocks=1,
+                                window_blocks=1, last_dense_blocks=1, gqa_shared=shared,
+                                mass_floor=floor, vertical_slash=True, vs_threshold=0.01)
+    scale = 32 ** -0.5
+    sel = dispatch.select(q, k, scale, config, with_mass=True)
+    keep, mass = dispatch.select_mask(q, k, scale, config.replace(kernel="reference"),
+                                      return_mass=True)
+    num, idx = ku.compact_mask(keep)
+    assert torch.equal(sel.num, num) and torch.equal(sel.idx, idx)
+    assert_close(sel.mass, mass, 1e-6, 1e-6, "mass")
+    plain = dispatch.select(q, k, scale, config.replace(vertical_slash=False))
+    assert int(sel.num.sum()) > int(plain.num.sum()), "the detector should add blocks here"
+
+
+def count_detector_calls(monkeypatch):
+    """Count the calls of the vertical/slash detector (``vertical_slash_flags``)."""
+    from fp_compile.kernels import vertical_slash as vsm
+
+    calls, real = [], vsm.vertical_slash_flags
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vsm, "vertical_slash_flags", spy)
+    return calls
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
+@pytest.mark.parametrize("case", SEARCHES)
+def test_vertical_slash_chunks_and_probe_equal_the_reference(monkeypatch, case, shared):
+    # the detector's flags, computed once per call, go into the probe and every chunk's search
+    probe_rows, index_bytes, searches = SEARCHES[case]
+    monkeypatch.setattr(dispatch, "PROBE_ROWS", probe_rows)
+    monkeypatch.setattr(dispatch, "INDEX_BYTES", index_bytes)
+    qs, ks, vs = planted_qkv(1, 2, 1, 1024, 32, seed=2, strength=2.0)
+    qr, kr, vr = random_qkv(H=2, Hkv=1, S=1024, seed=3)
+    q, k, v = torch.cat([qr, qs], 1), torch.cat([kr, ks], 1), torch.cat([vr, vs], 1)
+    config = FlashPrefillConfig(**TRITON, dense_above=0.9, collect_stats=True, gqa_shared=shared,
+                                vertical_slash=True, vs_threshold=0.002)
+    calls, detector = count_searches(monkeypatch), count_detector_calls(monkeypatch)
+    out = flash_prefill(q, k, v, enable_gqa=True, config=config)
+    assert calls == searches and len(detector) == 1
+    (row,) = fp_compile.stats().rows
+    assert row.dense_heads == (True, True, False, False), row
+    reference = config.replace(kernel="reference")
+    assert_close(out, dispatch.reference(q, k, v, None, reference), 2e-5, 2e-5)
+    # the sparse group's blocks with the detector: more than without, as the reference's
+    keep = dispatch.select_mask(q, k, 32 ** -0.5, reference)
+    plain = dispatch.select_mask(q, k, 32 ** -0.5, reference.replace(vertical_slash=False))
+    assert keep[:, 2:].sum() > plain[:, 2:].sum(), "the detector should add blocks here"
+
+
+@settings(max_examples=8, deadline=None)
+@given(S=st.integers(65, 600), block=st.sampled_from([16, 32]), groups=st.sampled_from([1, 2]),
+       chunk=st.integers(1, 9), probe=st.sampled_from([2, 4, 64]), shared=st.booleans(),
+       floor=st.sampled_from([0.0, 0.8]), dense_above=st.sampled_from([0.7, 1.0]),
+       seed=st.integers(0, 99))
+def test_property_vertical_slash_chunks_equal_the_reference(S, block, groups, chunk, probe,
+                                                             shared, floor, dense_above, seed):
+    q, k, v = planted_qkv(1, 2 * groups, 2, S, 16, seed=seed, strength=1.0)
+    M = -(-S // block)
+    config = FlashPrefillConfig(block_size=block, min_seq_len=0, kernel="triton", alpha=0.2,
+                                gqa_shared=shared, mass_floor=floor, dense_above=dense_above,
+                                vertical_slash=True, vs_threshold=0.01)
+    saved = dispatch.INDEX_BYTES, dispatch.PROBE_ROWS
+    dispatch.INDEX_BYTES, dispatch.PROBE_ROWS = chunk * q.shape[1] * M * 4, probe
+    try:
+        out = dispatch.run(q, k, v, None, config)
+        want = dispatch.reference(q, k, v, None, config)
+    finally:
+        dispatch.INDEX_BYTES, dispatch.PROBE_ROWS = saved
     assert_close(out, want, 3e-5, 3e-5)

@@ -151,13 +151,14 @@ def _span_row(p0_ptr, ks_ptr, ke_ptr, r, S_q, last_dense_blocks, BLOCK: tl.const
 
 @triton.jit
 def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr, p0_ptr, ks_ptr, ke_ptr,
-                           sqb, sqh, sqs, sqd,
+                           col_ptr, diag_ptr, sqb, sqh, sqs, sqd,
                            S, M, H, Hkv, G, qk_scale, log2_alpha, mass_floor, I_LO, I_STEP, NR,
                            sink_blocks, window_blocks, last_dense_blocks,
                            BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
                            TJ: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
                            IEEE: tl.constexpr, MASS: tl.constexpr, RUNGS: tl.constexpr,
-                           RP: tl.constexpr, LOG2_RATIO: tl.constexpr, SPAN: tl.constexpr):
+                           RP: tl.constexpr, LOG2_RATIO: tl.constexpr, SPAN: tl.constexpr,
+                           VS: tl.constexpr):
     """One program per (query block i, batch * head unit); a unit is GROUP query heads.
 
     GROUP = 1: each query head gets its own kept set. GROUP = G: the heads of one kv group get
@@ -176,6 +177,12 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr, p0_ptr,
     SPAN (p0, ks, ke read here; S is then q's length S_q and M counts the key blocks): row r is
     the absolute query block p0 // BLOCK + r (``_span_row``); only the candidate blocks
     [j_lo, j_end) are scored or kept, sinks count from j_lo, and tiles start at j_lo's.
+
+    VS (the vertical/slash detector's flags, (B, H, M) uint8 each at col_ptr / diag_ptr): pass B
+    also keeps, for every head of the unit, the blocks j <= i with col[j] or diag[i - j], i the
+    absolute query block. They join after the threshold (and the mass, which stays the
+    selection's own); with GROUP = G the union then holds every head's flags, the reference's
+    order (addition, then union). Pass B's tiles already reach block i, the last flagged one.
     """
     # torch.compile may pass Python floats as fp64: keep the arithmetic in fp32.
     qk_scale = tl.cast(qk_scale, tl.float32)
@@ -271,6 +278,13 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr, p0_ptr,
             thr = tl.max(tl.where(gs == g, thr_vec, float("-inf")), axis=0)
             # == ~(ls < thr) of the reference: NaN scores keep their block.
             keep |= ((ls >= thr) | (ls != ls)) & scored
+        if VS:
+            causal = js <= i
+            for g in range(GROUP):
+                vs_row = (b * H + h0 + g) * M      # int64: b is
+                col = tl.load(col_ptr + vs_row + js, mask=causal, other=0)
+                diag = tl.load(diag_ptr + vs_row + (i - js), mask=causal, other=0)
+                keep |= ((col | diag) != 0) & causal
         keep &= js <= i
         if SPAN:
             keep &= (js >= j_lo) & (js < j_end)
@@ -312,11 +326,33 @@ def _check_span(span: Span, B: int, device) -> None:
                              f"{device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
 
 
+_FLAG_DTYPES = (torch.bool, torch.uint8, torch.int8)
+
+
+def _vs_flags(vs_blocks, B: int, H: int, M: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The vertical/slash flags checked (metadata only) and as contiguous bytes for the kernel
+    (a bool tensor is reinterpreted, not copied)."""
+    if not isinstance(vs_blocks, (tuple, list)) or len(vs_blocks) != 2:
+        raise ValueError("pattern_search: vs_blocks must be a pair (column_blocks, "
+                         f"diagonal_blocks), got {type(vs_blocks).__name__}")
+    out = []
+    for name, t in zip(("column_blocks", "diagonal_blocks"), vs_blocks):
+        if (not isinstance(t, torch.Tensor) or t.dtype not in _FLAG_DTYPES
+                or tuple(t.shape) != (B, H, M) or t.device != device):
+            got = (f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor)
+                   else type(t).__name__)
+            raise ValueError(f"pattern_search: vs_blocks {name} must be a bool/uint8/int8 "
+                             f"{(B, H, M)} tensor on {device}, got {got}")
+        out.append((t.view(torch.uint8) if t.dtype == torch.bool else t).contiguous())
+    return out[0], out[1]
+
+
 def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, alpha: float,
                    sink_blocks: int, window_blocks: int, last_dense_blocks: int, *,
                    gqa_shared: bool = False, kmean: torch.Tensor | None = None,
                    mass_floor: float = 0.0, return_mass: bool = False,
-                   rows: tuple[int, int, int] | None = None, span: Span | None = None):
+                   rows: tuple[int, int, int] | None = None, span: Span | None = None,
+                   vs_blocks: tuple[torch.Tensor, torch.Tensor] | None = None):
     """FlashPrefill block selection in FlexAttention's compact layout.
 
     q (B, H, S, D), k (B, Hkv, S, D), H % Hkv == 0, fp16/bf16/fp32, any strides.
@@ -334,6 +370,12 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
     n = span_rows(S_q, block_size) rows, row t the absolute query block p0 // block_size + t:
     num (B, H, n), idx (B, H, n, M), mass (B, H, n), M = ceil(S / block_size); a given kmean
     must then be ``block_means(k, block_size, span=span)``. Does not combine with ``rows``.
+    vs_blocks: (column_blocks, diagonal_blocks), each (B, H, M) bool (or uint8/int8) on q's
+    device, from the vertical/slash detector (``vertical_slash_flags``): every query block i
+    also keeps the key blocks j <= i with column_blocks[j] or diagonal_blocks[i - j], added
+    before the GQA union (``select_mask_reference(..., vertical_slash=True)``), with no dense
+    (B, H, M, M) mask in between. The mass is the selection's before that addition. Combines
+    with ``rows`` (i stays the absolute block), not with a span (the reference refuses it).
     """
     check_kernel_dtype(q, "pattern_search")
     B, H, S, D = q.shape
@@ -354,6 +396,10 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
     if span is not None:
         _check_span(span, B, q.device)
         n = span_rows(S, block_size)
+    if vs_blocks is not None and span is not None:
+        raise ValueError("pattern_search: vs_blocks (the vertical/slash detector) does not "
+                         "combine with a span")
+    flags = None if vs_blocks is None else _vs_flags(vs_blocks, B, H, M, q.device)
     num = torch.empty((B, H, n), dtype=torch.int32, device=q.device)
     idx = torch.empty((B, H, n, M), dtype=torch.int32, device=q.device)
     group = G if gqa_shared else 1
@@ -362,12 +408,13 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
     use_mass = mass_floor > 0 or return_mass
     mass = torch.empty((B, H, n), dtype=torch.float32, device=q.device) if use_mass else num
     p0, ks, ke = (num, num, num) if span is None else span
+    col, diag = (num, num) if flags is None else flags
     launcher(_pattern_search_kernel)[(n, B * (H // group))](
-        q, kmean, num, idx, mass, p0, ks, ke, *q.stride(), S, M, H, Hkv, G,
+        q, kmean, num, idx, mass, p0, ks, ke, col, diag, *q.stride(), S, M, H, Hkv, G,
         float(scale) * LOG2E, log2_alpha, float(mass_floor), start, step, n, sink_blocks,
         window_blocks, last_dense_blocks,
         BLOCK=block_size, D=D, DP=DP, GROUP=group, GP=triton.next_power_of_2(group),
         IEEE=q.dtype == torch.float32, MASS=use_mass, RUNGS=GUARD_RUNGS,
         RP=triton.next_power_of_2(GUARD_RUNGS), LOG2_RATIO=math.log2(GUARD_RATIO),
-        SPAN=span is not None, **_launch_config(block_size, DP))
+        SPAN=span is not None, VS=flags is not None, **_launch_config(block_size, DP))
     return (num, idx, mass) if return_mass else (num, idx)
