@@ -6,7 +6,8 @@ here, so a call's route is ops -> dispatch -> kernels and the config travels as 
 * ``run(q, k, v, scale, config, layer)``: the whole op (dense below ``min_seq_len``, else the
   selection and block-sparse attention), on concrete or traced tensors;
 * ``select(q, k, scale, config)``: the selection alone, compact, with the mass guard
-  (``select_blocks`` and stats use it);
+  (``select_blocks`` and stats use it; defined in ``selection.py`` with ``Selection``,
+  ``use_triton`` and ``vs_flags``, re-exported here);
 * ``probe(...)``: the dense decision, per kv group, from the selection of about
   ``PROBE_ROWS`` evenly spaced query blocks (read on the host; skipped during CUDA-graph
   capture), taken before the full search so a call that runs dense does not pay for it;
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from .config import FlashPrefillConfig
 from .kernels import utils as ku
 from .kernels.block_sparse_attention import block_sparse_attention_reference
-from .kernels.pattern_search import select_mask_reference
+from .selection import Selection, select, select_mask, use_triton, vs_flags  # noqa: F401
 
 _observers: list[Callable] = []
 
@@ -44,19 +45,6 @@ _observers: list[Callable] = []
 # dense: on the H200 (RESULTS.md run 13, 8K tokens) a sparse call plus a dense call for 24 of 32
 # heads took 1.67 ms where one dense call took 0.88 ms.
 MOSTLY_DENSE = 0.5
-
-
-def use_triton(q: torch.Tensor, kernel: str) -> bool:
-    """Whether the Triton kernels serve ``q`` under ``config.kernel``."""
-    if kernel == "reference" or q.dtype not in ku.KERNEL_DTYPES:
-        return False
-    if kernel == "auto":
-        return q.device.type == "cuda"
-    if q.device.type != "cuda" and not ku.interpreting():
-        raise RuntimeError(
-            "FlashPrefillConfig(kernel='triton') on a non-CUDA tensor needs TRITON_INTERPRET=1 "
-            "set before triton is imported; use kernel='auto' or 'reference' instead")
-    return True
 
 
 @contextlib.contextmanager
@@ -67,61 +55,6 @@ def observe(fn: Callable) -> Iterator[None]:
         yield
     finally:
         _observers.remove(fn)
-
-
-class Selection(NamedTuple):
-    """kv_num_blocks (B, H, M), kv_indices (B, H, M, M) int32; ``mass``: the estimated kept
-    mass per row (B, H, M) fp32 when asked for (None otherwise)."""
-
-    num: torch.Tensor
-    idx: torch.Tensor
-    mass: Optional[torch.Tensor] = None
-
-
-def select_mask(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig, *,
-                return_mass: bool = False):
-    """The reference selection as a dense (B, H, M, M) bool mask of kept blocks (+ the mass)."""
-    return select_mask_reference(
-        q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
-        config.last_dense_blocks, config.gqa_shared, config.vertical_slash, config.vs_threshold,
-        config.mass_floor, return_mass=return_mass)
-
-
-def select(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig, *,
-           kmean: torch.Tensor | None = None, with_mass: bool = False,
-           vs_blocks: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:
-    """Kept key blocks per query block (the mass guard included), compact.
-
-    With the vertical/slash detector on, the GQA union is taken after it adds its blocks, as
-    the reference does: the Triton search ORs the detector's flags into each head's kept set
-    before the union, so no (B, H, M, M) mask is ever built. ``kmean``: precomputed key-block
-    means (mean correction shares them); ``vs_blocks``: the flags when the caller has them
-    already (``vs_flags``).
-    """
-    if not use_triton(q, config.kernel):
-        keep, mass = select_mask(q, k, scale, config, return_mass=True)
-        return Selection(*ku.compact_mask(keep), mass if with_mass else None)
-    from .kernels.pattern_search import pattern_search
-
-    if vs_blocks is None:
-        vs_blocks = vs_flags(q, k, scale, config)
-    num, idx, *mass = pattern_search(
-        q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
-        config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
-        mass_floor=config.mass_floor, return_mass=with_mass, vs_blocks=vs_blocks)
-    return Selection(num, idx, mass[0] if mass else None)
-
-
-def vs_flags(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig
-             ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The vertical/slash detector's (column_blocks, diagonal_blocks), each (B, H, M) bool, for
-    the Triton search's ``vs_blocks``; None when the detector is off. Computed once per call:
-    it reads the whole prompt's last query block, whichever rows a search selects."""
-    if not config.vertical_slash:
-        return None
-    from .kernels.vertical_slash import vertical_slash_flags
-
-    return vertical_slash_flags(q, k, scale, config.block_size, config.vs_threshold)
 
 
 def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
