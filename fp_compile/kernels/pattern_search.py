@@ -343,7 +343,8 @@ def _vs_flags(vs_blocks, B: int, H: int, M: int, device) -> tuple[torch.Tensor, 
                    else type(t).__name__)
             raise ValueError(f"pattern_search: vs_blocks {name} must be a bool/uint8/int8 "
                              f"{(B, H, M)} tensor on {device}, got {got}")
-        out.append((t.view(torch.uint8) if t.dtype == torch.bool else t).contiguous())
+        # A copy, not a bit view: Inductor cannot lower a bool -> uint8 view (H200, run 31).
+        out.append((t.to(torch.uint8) if t.dtype == torch.bool else t).contiguous())
     return out[0], out[1]
 
 

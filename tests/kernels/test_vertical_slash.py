@@ -115,3 +115,19 @@ def test_columns_only_mode_keeps_the_columns():
     ref_col, ref_diag = vertical_slash_scores_reference(q, k, 0.2, 64)
     assert_close(col, ref_col, 2e-6, 1e-4, "column scores")
     assert ref_diag.abs().max() > 0 and (diag == 0).all()
+
+
+@gpu
+def test_gpu_compiled_op_with_the_detector_equals_eager():
+    """The static compiled op traces the probe, the flags and the fused search into Inductor's
+    code (a bool flag view once failed to lower there)."""
+    from fp_compile import FlashPrefillConfig, flash_prefill
+
+    cfg = FlashPrefillConfig.paper_rule(vertical_slash=True, min_seq_len=0)
+    q, k, v = planted_qkv(1, 8, 2, 4096, 128, seed=1, dtype=torch.bfloat16, device="cuda")
+
+    def op(q, k, v):
+        return flash_prefill(q, k, v, enable_gqa=True, config=cfg)
+
+    got = torch.compile(op, fullgraph=True, dynamic=False)(q, k, v)
+    assert_close(got, op(q, k, v), 2e-2, 2e-2, "compiled vs eager")
