@@ -13,7 +13,7 @@ from fp_compile import accuracy as acc
 from fp_compile.kernels import utils as ku
 from fp_compile.kernels.block_sparse_attention import block_sparse_attention_reference
 from fp_compile.kernels.pattern_search import select_mask_reference
-from fp_compile.kernels.vertical_slash import (add_vertical_slash, add_vertical_slash_compact,
+from fp_compile.kernels.vertical_slash import (add_vertical_slash,
                                               vertical_slash_flags_reference,
                                               vertical_slash_scores_reference)
 from fp_compile.demo.synthetic import planted_qkv
@@ -143,17 +143,6 @@ def test_vertical_slash_finds_planted_columns():
     j = 200 // bs
     assert not paper[0, 0, j + 2: -1, j].all()
     assert vs[0, 0, j:, j].all()
-
-
-def test_vertical_slash_compact_matches_reference_and_gqa_union():
-    q, k, _ = planted_qkv(1, 4, 2, 200, 32, seed=6)
-    args = (0.2, 16, 0.3, 1, 1, 1)
-    for shared in (False, True):
-        num, idx = ku.compact_mask(select_mask_reference(q, k, *args))
-        got = add_vertical_slash_compact(q, k, num, idx, 0.2, 16, 0.01, gqa_shared=shared)
-        want = ku.compact_mask(select_mask_reference(
-            q, k, *args, gqa_shared=shared, vertical_slash=True, vs_threshold=0.01))
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_paper_rule_turns_vertical_slash_off():

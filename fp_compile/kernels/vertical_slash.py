@@ -4,8 +4,8 @@ Mean-pooled block scores dilute one heavy key by the block size, so FlashPrefill
 search misses attention-sink-like columns and slash lines. This stage looks at the exact
 attention of the last query block (one block of dense attention per head), flags key blocks
 holding a heavy column and diagonal block offsets holding a heavy diagonal
-(``vertical_slash_flags_reference``, (B, H, M) each), and ORs them into the compact
-selection of the pattern search.
+(``vertical_slash_flags``, (B, H, M) each); the pattern search ORs them into its kept sets
+(``pattern_search(..., vs_blocks=)``), the reference into its mask (``add_vertical_slash``).
 
 The probe's scores come from a Triton kernel (``vertical_slash_scores``, two launches: the
 probe rows' log-sum-exp over key tiles split across programs, then per key tile the rows'
@@ -22,8 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .utils import (LOG2E, acc_dtype, cdiv, check_kernel_dtype, compact_mask, expand_indices,
-                    gqa_union, group_view, interpreting, launcher)
+from .utils import LOG2E, acc_dtype, cdiv, check_kernel_dtype, group_view, interpreting, launcher
 
 
 def vertical_slash_flags(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
@@ -65,15 +64,10 @@ def _probe_logits(q, k_ptr, s0, offs_n, offs_d, rows, row_ok, S, sks, skd, qk_sc
 
 
 @triton.jit
-def _probe_lse_kernel(q_ptr, k_ptr, m_ptr, l_ptr, sqb, sqh, sqs, sqd, skb, skh, sks, skd,
-                      S, R, H, G, TILES, qk_scale,
-                      D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
-    """Grid (B * H, splits): the probe rows' running max / sum (log2 units) over key tiles
-    split * TILES .. + TILES; m, l (B * H, splits, BLOCK) fp32."""
-    qk_scale = tl.cast(qk_scale, tl.float32)   # torch.compile may pass an fp64
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
+def _probe_rows(q_ptr, k_ptr, bh, sqb, sqh, sqs, sqd, skb, skh, S, R, H, G,
+                D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr):
+    """The probe rows of (batch * head) bh: its q rows S - R .. S - 1 (BLOCK, DP), padding 0,
+    k_ptr moved to its kv head, and the row / key / dim offsets with the rows' validity."""
     b = bh // H
     h = bh % H
     offs_r = tl.arange(0, BLOCK)
@@ -85,6 +79,21 @@ def _probe_lse_kernel(q_ptr, k_ptr, m_ptr, l_ptr, sqb, sqh, sqs, sqd, skb, skh, 
                 + offs_d[None, :] * sqd, mask=row_ok[:, None] & (offs_d < D)[None, :],
                 other=0.0)
     k_ptr += b.to(tl.int64) * skb + (h // G) * skh
+    return q, k_ptr, offs_r, offs_n, offs_d, rows, row_ok
+
+
+@triton.jit
+def _probe_lse_kernel(q_ptr, k_ptr, m_ptr, l_ptr, sqb, sqh, sqs, sqd, skb, skh, sks, skd,
+                      S, R, H, G, TILES, qk_scale,
+                      D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """Grid (B * H, splits): the probe rows' running max / sum (log2 units) over key tiles
+    split * TILES .. + TILES; m, l (B * H, splits, BLOCK) fp32."""
+    qk_scale = tl.cast(qk_scale, tl.float32)   # torch.compile may pass an fp64
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    q, k_ptr, offs_r, offs_n, offs_d, rows, row_ok = _probe_rows(
+        q_ptr, k_ptr, bh, sqb, sqh, sqs, sqd, skb, skh, S, R, H, G, D, DP, BLOCK)
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     for t in range(split * TILES, tl.minimum(split * TILES + TILES, tl.cdiv(S, BLOCK))):
@@ -118,17 +127,8 @@ def _probe_scores_kernel(q_ptr, k_ptr, lse_ptr, col_ptr, first_ptr, second_ptr,
     qk_scale = tl.cast(qk_scale, tl.float32)
     bh = tl.program_id(0)
     s0 = tl.program_id(1) * BLOCK
-    b = bh // H
-    h = bh % H
-    offs_r = tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, DP)
-    rows = S - R + offs_r
-    row_ok = offs_r < R
-    q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + rows[:, None].to(tl.int64) * sqs
-                + offs_d[None, :] * sqd, mask=row_ok[:, None] & (offs_d < D)[None, :],
-                other=0.0)
-    k_ptr += b.to(tl.int64) * skb + (h // G) * skh
+    q, k_ptr, offs_r, offs_n, offs_d, rows, row_ok = _probe_rows(
+        q_ptr, k_ptr, bh, sqb, sqh, sqs, sqd, skb, skh, S, R, H, G, D, DP, BLOCK)
     s, visible = _probe_logits(q, k_ptr, s0, offs_n, offs_d, rows, row_ok, S, sks, skd,
                                qk_scale, D, DOT_PRECISION)
     lse = tl.load(lse_ptr + bh * BLOCK + offs_r)
@@ -201,22 +201,6 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_
     if R == 1:
         return column, second
     return column, torch.minimum(first, second) * (2.0 / R)
-
-
-def add_vertical_slash_compact(q: torch.Tensor, k: torch.Tensor, kv_num_blocks: torch.Tensor,
-                               kv_indices: torch.Tensor, scale: float, block_size: int,
-                               threshold: float, gqa_shared: bool = False
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Selection (kv_num_blocks (B, H, M), kv_indices (B, H, M, M)) plus heavy columns/diagonals.
-
-    With ``gqa_shared`` the union over each kv group is taken after the addition, as
-    ``select_mask_reference`` does.
-    """
-    keep = expand_indices(kv_num_blocks, kv_indices)
-    keep = add_vertical_slash(keep, *vertical_slash_flags(q, k, scale, block_size, threshold))
-    if gqa_shared:
-        keep = gqa_union(keep, k.shape[1])
-    return compact_mask(keep)
 
 
 # ------------------------------------------------------------------------------ reference
