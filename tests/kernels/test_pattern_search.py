@@ -111,12 +111,13 @@ def test_aligned_inputs_drop_blocks():
 
 
 @st.composite
-def shapes(draw):
+def shapes(draw, max_blocks=4, head_dims=(16, 24, 40, 64)):
+    """(B, H, Hkv, S, D, block): up to max_blocks blocks and a few rows more."""
     groups = draw(st.sampled_from([1, 2, 4]))
     kv_heads = draw(st.integers(1, 2))
     block = draw(st.sampled_from([16, 32]))
-    seq = draw(st.integers(1, 4 * block + 5))
-    head_dim = draw(st.sampled_from([16, 24, 40, 64]))
+    seq = draw(st.integers(1, max_blocks * block + 5))
+    head_dim = draw(st.sampled_from(list(head_dims)))
     batch = draw(st.integers(1, 2))
     return batch, kv_heads * groups, kv_heads, seq, head_dim, block
 
