@@ -331,7 +331,7 @@ _FLAG_DTYPES = (torch.bool, torch.uint8, torch.int8)
 
 def _vs_flags(vs_blocks, B: int, H: int, M: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The vertical/slash flags checked (metadata only) and as contiguous bytes for the kernel
-    (a bool tensor is reinterpreted, not copied)."""
+    (a bool tensor is copied to uint8: (B, H, M) bytes)."""
     if not isinstance(vs_blocks, (tuple, list)) or len(vs_blocks) != 2:
         raise ValueError("pattern_search: vs_blocks must be a pair (column_blocks, "
                          f"diagonal_blocks), got {type(vs_blocks).__name__}")

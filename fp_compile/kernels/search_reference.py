@@ -3,9 +3,10 @@
 Block scores of the key-block means, the structural blocks, the mass guard's ladder and the
 threshold, for the whole causal sequence or for a call with a span (issue 11, ``Span`` in
 utils.py). The span's geometry, block by block: for batch row b and absolute query block i,
-the rows R(b, i) that score it, the candidate key blocks C(b, i), where the sinks start and the last query block that has keys (dense rows count back from it). A call
-without a span is the span p0 = 0, ks = 0, ke = S_q: ``span_blocks(None, ...)`` builds exactly
-that one, so both cases follow one rule.
+the rows R(b, i) that score it, the candidate key blocks C(b, i), where the sinks start and
+the last query block that has keys (dense rows count back from it). A call without a span
+is the span p0 = 0, ks = 0, ke = S_q: ``span_blocks(None, ...)`` builds exactly that one, so
+both cases follow one rule.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ class SpanBlocks(NamedTuple):
     candidate: (B, n, M) bool, C(b, i) = {j <= i holding a valid key}, empty where R(b, i) is.
     first: (B, 1, 1) ceil(ks / block_size): the sinks are the ``sink_blocks`` blocks from it on
     and the partial block before it, so they hold the row's first sink_blocks * block_size valid
-    keys (an unaligned start does not shrink them to a few keys). last: (B, 1, 1) (min(ke, p0 + S_q) - 1) // block_size.
+    keys (an unaligned start does not shrink them to a few keys).
+    last: (B, 1, 1) (min(ke, p0 + S_q) - 1) // block_size.
     """
     rows: torch.Tensor
     q_lo: int
@@ -63,7 +65,8 @@ def span_blocks(span: Span | None, B: int, S_q: int, M: int, block_size: int, i0
     j = torch.arange(M, device=device)[None, None, :]
     first = (-(-ks // block_size))[:, None, None]
     has_keys = (ke > ks)[:, None, None]
-    candidate = (j >= (ks // block_size)[:, None, None]) & (j <= ((ke - 1) // block_size)[:, None, None]) & (j <= i)
+    candidate = ((j >= (ks // block_size)[:, None, None])
+                 & (j <= ((ke - 1) // block_size)[:, None, None]) & (j <= i))
     last = ((ke.clamp(max=p0 + S_q) - 1) // block_size)[:, None, None]
     return SpanBlocks(rows, q_lo, q_hi, q_lo + p0 - i0 * block_size,
                       candidate & has_keys & live, first, last)
