@@ -16,6 +16,7 @@ the reference kernel, stats, and graphs with a symbolic length).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -38,8 +39,11 @@ def op_config_args(config: FlashPrefillConfig) -> tuple:
     return tuple(getattr(config, name) for name in OP_CONFIG_FIELDS)
 
 
+@functools.lru_cache(maxsize=64)
 def _config(*values) -> FlashPrefillConfig:
-    """The op's flat arguments back into one config (validated once, here)."""
+    """The op's flat arguments back into one config (validated once, here). Cached: the config
+    is frozen, and building + validating it on every call of the opaque op cost host time
+    that shows on the GPU wherever the host has just waited (benchmarks/profile_host.py)."""
     return FlashPrefillConfig(**dict(zip(OP_CONFIG_FIELDS, values)))
 
 

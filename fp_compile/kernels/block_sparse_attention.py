@@ -337,10 +337,16 @@ def _autotune_key(block_size: int, head_dim_p2: int, elt_bytes: int) -> tuple[in
     return min(block_size, 128), 128 if head_dim_p2 <= 128 else 256, min(elt_bytes, 4)
 
 
+def _fixed_tile(block_size: int, head_dim_p2: int, elt_bytes: int):
+    """The one launch config of the 16-bit D <= 128 fast path (the measured best that fits the
+    block, see _TILES), launched without an autotuner: Triton's Autotuner costs host time per
+    call even with one candidate (the opaque op launches from Python). None elsewhere."""
+    key = _autotune_key(block_size, head_dim_p2, elt_bytes)
+    return _gpu_tiles(*key)[0] if key[1:] == (128, 2) else None
+
+
 def _make_autotuned(key: tuple[int, int, int]):
     tiles = _gpu_tiles(*key)
-    if key[1:] == (128, 2):
-        tiles = tiles[:1]   # the measured best that fits the block (see _TILES): no tuning
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                for bm, bn, w, s in tiles]
     return triton.autotune(configs=configs, key=["D", "BLOCK_SIZE"])(_bsa_fwd_kernel)
@@ -425,6 +431,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # Autotune cannot run without a GPU; small tiles keep the interpreter quick.
         bm = min(block_size, 32)
         tile = (bm, bm, 4, 1)
+    if tile is None:
+        tile = _fixed_tile(block_size, DP, q.element_size())
     if tile is not None:
         bm, bn, warps, stages = tile
         grid = (B * H, triton.cdiv(SQ, bm) + extra_tile)
