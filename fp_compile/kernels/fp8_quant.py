@@ -29,6 +29,7 @@ import triton.language as tl
 from .utils import cdiv, interpreting, launcher
 
 E4M3_MAX = 448.0
+_E4M3_MAX = tl.constexpr(E4M3_MAX)   # the kernels' copy (a jit function reads constexpr globals)
 FP8_DTYPE = torch.float8_e4m3fn
 
 
@@ -70,9 +71,9 @@ def _quant_kernel(x_ptr, y_ptr, s_ptr, sxb, sxh, sxs, sxd, syb, syh, sys, syd, S
     x = tl.load(x_ptr + b * sxb + h * sxh + rows64 * sxs + cols[None, :] * sxd, mask=mask,
                 other=0.0).to(tl.float32)
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    scale = tl.where(amax > 0, amax / E4M3_MAX, 1.0)
-    inv = E4M3_MAX / tl.where(amax > 0, amax, 1.0)    # a block of zeros stays zeros
-    y = to_e4m3(tl.minimum(tl.maximum(x * inv, -E4M3_MAX), E4M3_MAX), EXACT_ROUND)
+    scale = tl.where(amax > 0, amax / _E4M3_MAX, 1.0)
+    inv = _E4M3_MAX / tl.where(amax > 0, amax, 1.0)    # a block of zeros stays zeros
+    y = to_e4m3(tl.minimum(tl.maximum(x * inv, -_E4M3_MAX), _E4M3_MAX), EXACT_ROUND)
     tl.store(y_ptr + b * syb + h * syh + rows64 * sys + cols[None, :] * syd, y, mask=mask)
     tl.store(s_ptr + pid.to(tl.int64) * M + m, scale)
 
