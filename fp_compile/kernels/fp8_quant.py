@@ -44,13 +44,14 @@ class Fp8Blocks(NamedTuple):
 def to_e4m3(x, EXACT_ROUND: tl.constexpr):
     """fp32 x with |x| <= 448 -> tl.float8e4nv, rounded to nearest even."""
     if EXACT_ROUND:
-        # Round to e4m3's grid in fp32: the spacing of x's binade is 2^(e - 3) (e >= -6, the
-        # subnormals share the smallest binade's); adding and removing 1.5 * 2^(e + 20) leaves
-        # exactly that spacing in the fp32 sum, which fp32 addition rounds to nearest even.
+        # Round |x| to e4m3's grid in fp32: the spacing of its binade is 2^(e - 3) (e >= -6,
+        # the subnormals share the smallest binade's); adding and removing 1.5 * 2^(e + 20)
+        # leaves exactly that spacing in the fp32 sum, which rounds to nearest even.
         e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
         e = tl.maximum(e, -6)
         magic = (((e + 147) << 23) | (1 << 22)).to(tl.float32, bitcast=True)
-        x = (x + magic) - magic
+        r = (tl.abs(x) + magic) - magic
+        x = tl.where(x < 0, -r, r)                  # -0 stays -0, as the cast gives it
     return x.to(tl.float8e4nv)
 
 
