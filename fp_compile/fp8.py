@@ -30,6 +30,8 @@ def check_inputs(q: torch.Tensor, config: FlashPrefillConfig) -> None:
     if q.dtype not in FP8_INPUT_DTYPES:
         raise ValueError(f"{what} needs float16 or bfloat16 q, k, v, got {q.dtype}")
     check_fp8_shapes(config.block_size, q.shape[-1], what)
+    if config.mean_correction:
+        raise ValueError(f"{what} does not support mean_correction=True")
 
 
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: FlashPrefillConfig,

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 import fp_compile
 from fp_compile import FlashPrefillConfig, dispatch
-from fp_compile.config import FP8_BLOCK_SIZES
 from fp_compile.demo.synthetic import planted_qkv
 from fp_compile.kernels.block_sparse_attention_fp8 import FP8_TILES
 from fp_compile.ops import OP_CONFIG_FIELDS
@@ -29,27 +28,23 @@ def test_off_by_default_and_in_the_paper_rule():
     assert FlashPrefillConfig.paper_rule().fp8_attention is False
     assert FlashPrefillConfig.from_options({"fp8_attention": True}).fp8_attention
     assert "fp8_attention" in OP_CONFIG_FIELDS
-    assert set(FP8_BLOCK_SIZES) == set(FP8_TILES)
+    assert sorted(FP8_TILES) == [32, 64, 128]
+    with pytest.raises(ValueError, match="fp8_attention must be a bool"):
+        FlashPrefillConfig(fp8_attention=1)
 
 
-@pytest.mark.parametrize("options,match", [
-    ({"fp8_attention": 1}, "must be a bool"),
-    ({"fp8_attention": True, "block_size": 16}, "block_size in"),
-    ({"fp8_attention": True, "block_size": 256}, "block_size in"),
-    ({"fp8_attention": True, "mean_correction": True}, "mean_correction"),
-])
-def test_config_refuses(options, match):
-    with pytest.raises(ValueError, match=match):
-        FlashPrefillConfig(**options)
-
-
-@pytest.mark.parametrize("dtype,D,match", [(torch.float32, 32, "float16 or bfloat16"),
-                                           (torch.bfloat16, 160, "head dims up to 128")])
+@pytest.mark.parametrize("dtype,D,fields,match", [
+    (torch.float32, 32, {}, "float16 or bfloat16"),
+    (torch.bfloat16, 160, {}, "head dims up to 128"),
+    (torch.bfloat16, 32, {"block_size": 16}, "block_size in"),
+    (torch.bfloat16, 32, {"block_size": 256}, "block_size in"),
+    (torch.bfloat16, 32, {"mean_correction": True}, "mean_correction"),
+], ids=["fp32", "D160", "block16", "block256", "mean_correction"])
 @pytest.mark.parametrize("kernel", ["auto", "reference"])
-def test_op_refuses_inputs(dtype, D, match, kernel):
+def test_op_refuses(dtype, D, fields, match, kernel):
     """The same rule on every device and kernel, short prompts included."""
     q, k, v = planted_qkv(1, 2, 1, 64, D, seed=0, dtype=dtype)
-    cfg = FlashPrefillConfig(**SMALL, kernel=kernel, fp8_attention=True)
+    cfg = FlashPrefillConfig(**{**SMALL, **fields}, kernel=kernel, fp8_attention=True)
     with pytest.raises(ValueError, match="fp8_attention=True.*" + match):
         fp_compile.flash_prefill(q, k, v, enable_gqa=True, config=cfg)
     with pytest.raises(ValueError, match="fp8_attention"):
