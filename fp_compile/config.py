@@ -21,6 +21,7 @@ _BEYOND_PAPER_OFF: dict[str, Any] = {
     "vertical_slash": False,
     "mass_floor": 0.0,
     "dense_above": 1.0,
+    "fp8_attention": False,
 }
 
 
@@ -57,6 +58,16 @@ class FlashPrefillConfig:
             sparsity no longer pays. Decided on the host after the search (one small device to
             host copy), except while a CUDA graph is being captured, when every group runs
             block-sparse. 1 never runs dense.
+        fp8_attention: the block-sparse attention runs in FP8 (e4m3): q, k and v are quantised
+            per block (one fp32 scale per head and selection block) and both dots (q k^T and
+            p v) take e4m3 operands with fp32 accumulation; the softmax stays fp32 and the
+            output keeps q's dtype. The search, short prompts and the dense fallback stay in
+            q's dtype. Needs float16/bfloat16 inputs, head dim <= 128, block_size in
+            (32, 64, 128), no mean_correction, and calls without a span (key mask, query
+            positions, S_q < S_kv); otherwise the op raises ValueError (checked per call, as
+            the fields are independent of each other here). On CPU (or
+            kernel="reference") the plain-torch reference of the same arithmetic runs. Off by
+            default: see benchmarks/bench_fp8.py for its speed and error.
         dense_layers: layers that stay dense, numbered as the pass numbers them (the model's
             layer index, e.g. ``layers.3.self_attn`` is 3; else the SDPA call's order in its
             graph).
@@ -77,6 +88,7 @@ class FlashPrefillConfig:
     vs_threshold: float = 0.015
     mass_floor: float = 0.8
     dense_above: float = 0.6
+    fp8_attention: bool = False
     dense_layers: tuple[int, ...] = ()
     layer_alpha: tuple[tuple[int, float], ...] = ()
     collect_stats: bool = False
@@ -106,7 +118,8 @@ class FlashPrefillConfig:
         _check_alpha("vs_threshold", self.vs_threshold)
         _check_alpha("mass_floor", self.mass_floor)
         _check_alpha("dense_above", self.dense_above)
-        for name in ("mean_correction", "gqa_shared", "collect_stats", "vertical_slash"):
+        for name in ("mean_correction", "gqa_shared", "collect_stats", "vertical_slash",
+                     "fp8_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"FlashPrefillConfig.{name} must be a bool")
         # Accept lists / dicts from users (and torch.compile options) but store hashable tuples.

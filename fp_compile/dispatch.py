@@ -14,6 +14,7 @@ here, so a call's route is ops -> dispatch -> kernels and the config travels as 
 * ``sparse_chunks(...)``: select and attend a chunk of query blocks at a time, so the index
   memory stays within ``INDEX_BYTES`` whatever the length;
 * ``dense(q, k, v, scale)``: the dense causal path (cuDNN on Hopper);
+* ``config.fp8_attention``: the block-sparse attention in FP8 (``fp8.attend``, from ``sparse``);
 * ``observe(fn)``: a context in which every ``run`` reports (layer, q, k, scale, config) to
   ``fn`` before computing (``calibrate`` sees the same calls, numbered the same way, as the
   pass rewrites).
@@ -34,6 +35,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from . import fp8
 from .config import FlashPrefillConfig
 from .kernels import utils as ku
 from .kernels.block_sparse_attention import block_sparse_attention_reference
@@ -83,9 +85,13 @@ def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 def sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            config: FlashPrefillConfig, num: torch.Tensor, idx: torch.Tensor,
            kmean: torch.Tensor | None = None, vmean: torch.Tensor | None = None, *,
-           out: torch.Tensor | None = None, q_start: int = 0) -> torch.Tensor:
+           out: torch.Tensor | None = None, q_start: int = 0, kv8=None) -> torch.Tensor:
     """Block-sparse attention over the selection (num, idx); ``q_start``: q holds the queries
-    from that position on (num / idx their rows), as for ``block_sparse_attention``."""
+    from that position on (num / idx their rows), as for ``block_sparse_attention``. With
+    ``config.fp8_attention`` in FP8 (``fp8.attend``; kv8: k and v quantised already)."""
+    if config.fp8_attention:
+        return fp8.attend(q, k, v, scale, config, num, idx, triton=use_triton(q, config.kernel),
+                          out=out, q_start=q_start, kv=kv8)
     if not use_triton(q, config.kernel):
         return block_sparse_attention_reference(q, k, v, num, idx, scale, config.block_size,
                                                 config.mean_correction, q_start=q_start)
@@ -255,6 +261,8 @@ def sparse_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if vs_blocks is None:
         vs_blocks = vs_flags(q, k, scale, config)
     out = torch.empty_like(q) if attend else None
+    # FP8: k and v quantised once for every chunk.
+    kv8 = fp8.quantize_kv(k, v, config, True) if config.fp8_attention and attend else None
     chunks = []
     bs = config.block_size
     for i0 in range(0, M, step):
@@ -270,7 +278,7 @@ def sparse_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         if attend:
             r0, r1 = i0 * bs, min(S, (i0 + n) * bs)
             sparse(q[:, :, r0:r1], k, v, scale, config, num, chunk.idx, kmean, vmean,
-                   out=out[:, :, r0:r1], q_start=r0)
+                   out=out[:, :, r0:r1], q_start=r0, kv8=kv8)
     mass = torch.cat([c.mass for c in chunks], dim=-1) if with_mass else None
     return out, Selection(torch.cat([c.num for c in chunks], dim=-1), chunks[-1].idx, mass)
 
@@ -299,6 +307,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
     unknown), for stats and observers.
     """
     scale = ku.default_scale(q.shape[-1], scale)
+    fp8.check_inputs(q, config)
     for fn in list(_observers):
         fn(layer, q, k, scale, config)
     if q.shape[2] < config.min_seq_len:
@@ -383,12 +392,16 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     attention, and exact attention for the kv groups above ``dense_above`` (decided on the
     probe rows, ``probe_rows``)."""
     scale = ku.default_scale(q.shape[-1], scale)
+    fp8.check_inputs(q, config)
     if q.shape[2] < config.min_seq_len:
         return _sdpa_causal(q, k, v, scale)
     num, idx = ku.compact_mask(select_mask(q, k, scale, config))
     flags = dense_groups_of(num, k.shape[1], config.dense_above)
-    out = block_sparse_attention_reference(q, k, v, num, idx, scale, config.block_size,
-                                           config.mean_correction)
+    if config.fp8_attention:
+        out = fp8.attend(q, k, v, scale, config, num, idx, triton=False)
+    else:
+        out = block_sparse_attention_reference(q, k, v, num, idx, scale, config.block_size,
+                                               config.mean_correction)
     if bool(flags.any()):
         exact = _sdpa_causal(q, k, v, scale)
         heads = flags.repeat_interleave(q.shape[1] // k.shape[1], dim=1)

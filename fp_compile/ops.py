@@ -30,7 +30,7 @@ from .passes.eligibility import check_inputs
 OP_CONFIG_FIELDS = (
     "block_size", "alpha", "sink_blocks", "window_blocks", "last_dense_blocks", "min_seq_len",
     "kernel", "mean_correction", "gqa_shared", "collect_stats", "vertical_slash", "vs_threshold",
-    "mass_floor", "dense_above",
+    "mass_floor", "dense_above", "fp8_attention",
 )
 
 
@@ -54,12 +54,13 @@ def flash_prefill_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         kernel: str, mean_correction: bool, gqa_shared: bool,
                         collect_stats: bool, vertical_slash: bool = False,
                         vs_threshold: float = 0.015, mass_floor: float = 0.0,
-                        dense_above: float = 1.0, layer: int = -1,
+                        dense_above: float = 1.0, fp8_attention: bool = False,
+                        layer: int = -1,
                         key_mask: Optional[torch.Tensor] = None,
                         q_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
     config = _config(block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
                      min_seq_len, kernel, mean_correction, gqa_shared, collect_stats,
-                     vertical_slash, vs_threshold, mass_floor, dense_above)
+                     vertical_slash, vs_threshold, mass_floor, dense_above, fp8_attention)
     # The fake kernel promises a contiguous output; the reference (and SDPA for short prompts)
     # follow q's layout, which is a transposed view in most models.
     if has_span(q, k, key_mask, q_pos):
@@ -86,7 +87,8 @@ def flash_prefill_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       kernel: str, mean_correction: bool, gqa_shared: bool,
                       collect_stats: bool, vertical_slash: bool = False,
                       vs_threshold: float = 0.015, mass_floor: float = 0.0,
-                      dense_above: float = 1.0, layer: int = -1,
+                      dense_above: float = 1.0, fp8_attention: bool = False,
+                      layer: int = -1,
                       key_mask: Optional[torch.Tensor] = None,
                       q_pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """flash_prefill that also returns the log-sum-exp per query row, (B, H, S_q) fp32 (natural
@@ -94,7 +96,7 @@ def flash_prefill_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Always runs the span dispatch (``spans``: its dense fallback is decided on the device)."""
     config = _config(block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
                      min_seq_len, kernel, mean_correction, gqa_shared, collect_stats,
-                     vertical_slash, vs_threshold, mass_floor, dense_above)
+                     vertical_slash, vs_threshold, mass_floor, dense_above, fp8_attention)
     out, lse = spans.run(q, k, v, scale, config, layer, key_mask, q_pos, return_lse=True)
     return out.contiguous(), lse.contiguous()
 
@@ -113,7 +115,8 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mean_correction: bool, gqa_shared: bool,
                      collect_stats: bool, vertical_slash: bool = False,
                      vs_threshold: float = 0.015, mass_floor: float = 0.0,
-                     dense_above: float = 1.0, layer: int = -1,
+                     dense_above: float = 1.0, fp8_attention: bool = False,
+                     layer: int = -1,
                      key_mask: Optional[torch.Tensor] = None,
                      q_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
     """FlashPrefill causal attention. q (B, H, S, D); k, v (B, Hkv, S, D); returns (B, H, S, D).
@@ -129,7 +132,7 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_inputs(q, k, v, provable=False, span=span)
     flat = (scale, block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
             min_seq_len, kernel, mean_correction, gqa_shared, collect_stats, vertical_slash,
-            vs_threshold, mass_floor, dense_above, layer)
+            vs_threshold, mass_floor, dense_above, fp8_attention, layer)
     if span:
         # The span dispatch decides its dense fallback on the device, so nothing needs the
         # host: on CUDA with a static length it is traced and its kernels land in Inductor's

@@ -85,7 +85,7 @@ def span_of(q: torch.Tensor, k: torch.Tensor, key_mask: Optional[torch.Tensor] =
 
 
 def _check_config(config: FlashPrefillConfig) -> None:
-    for name in ("mean_correction", "vertical_slash"):
+    for name in ("mean_correction", "vertical_slash", "fp8_attention"):
         if getattr(config, name):
             raise ValueError(f"flash_prefill: {name}=True is not supported for padded, "
                              f"offset or cache-buffer calls (a key_mask, q_pos or S_q < S_kv)")

@@ -6,6 +6,9 @@ defines what it computes:
   ``search_reference``: its plain-torch reference, the whole selection rule (spans included);
 * ``block_sparse_attention``: online-softmax attention over the kept blocks (its reference in
   ``block_sparse_reference``);
+* ``fp8_quant`` and ``block_sparse_attention_fp8``: per-block e4m3 quantisation and the FP8
+  block-sparse attention over the same selection (``FlashPrefillConfig.fp8_attention``), each
+  with its reference;
 * ``vertical_slash``: the heavy column / diagonal detector (plain torch for now);
 * ``utils``: sizes, dtypes and selection layouts shared by all of them.
 
