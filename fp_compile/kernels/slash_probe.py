@@ -38,6 +38,7 @@ PROBE_QUERY_ROWS = 64
 # The fp32 logits of one chunk of heads (n_rows x S per query head) stay within this.
 PROBE_BYTES = 256 * 2**20
 MAD_FLOOR = 1e-6
+MEDIANS = ("nanmedian", "sort")
 
 
 def probe_rows(S: int, n_rows: int = PROBE_QUERY_ROWS) -> list[int]:
@@ -54,11 +55,17 @@ def n_offsets(rows: list[int]) -> int:
 
 
 def slash_probe_scores(q: torch.Tensor, k: torch.Tensor, scale: float,
-                       n_rows: int = PROBE_QUERY_ROWS) -> torch.Tensor:
+                       n_rows: int = PROBE_QUERY_ROWS, median: str = "nanmedian"
+                       ) -> torch.Tensor:
     """Per head and diagonal offset o < n_offsets, the median over the probe rows of the
     row-centred logit at key r - o: (B, H, n_offsets) fp32 (fp64 for fp64 inputs).
 
-    q (B, H, S, D), k (B, Hkv, S, D), H % Hkv == 0."""
+    q (B, H, S, D), k (B, Hkv, S, D), H % Hkv == 0. median: how the median over rows is
+    taken, "nanmedian" (``torch.nanmedian`` over the rows, unseen entries NaN) or "sort" (one
+    sort of each offset's rows, contiguous, then the lower median of its seen rows); the same
+    values, for timing them against each other on the GPU."""
+    if median not in MEDIANS:
+        raise ValueError(f"slash_probe_scores: median must be one of {MEDIANS}, got {median!r}")
     B, H, S, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
@@ -72,21 +79,26 @@ def slash_probe_scores(q: torch.Tensor, k: torch.Tensor, scale: float,
     index = r[:, None] - torch.arange(O, device=q.device)[None, :]          # (P, O): key r - o
     unseen = index < 0
     index = index.clamp_min(0)
+    # the lower median's position among each offset's seen rows (a suffix of the rows)
+    middle = ((P - unseen.sum(0) - 1) // 2)[:, None]                        # (O, 1)
     # one kv head at least per chunk; its G * P rows x S keys of logits within PROBE_BYTES
     per_kv = B * G * P * S * torch.finfo(dtype).bits // 8
     step = max(1, min(Hkv, PROBE_BYTES // max(1, per_kv)))
-    qr = q[:, :, rows].to(dtype).unflatten(1, (Hkv, G))                     # (B, Hkv, G, P, D)
+    qr = q[:, :, rows].to(dtype).view(B, Hkv, G * P, D)
     out = []
     for g0 in range(0, Hkv, step):
         g1 = min(Hkv, g0 + step)
-        kf = k[:, g0:g1].to(dtype).unsqueeze(2)                              # (B, c, 1, S, D)
-        logits = torch.matmul(qr[:, g0:g1], kf.transpose(-1, -2)).flatten(1, 2)
-        logits = logits.mul_(scale).masked_fill_(~visible, 0.0)              # (B, cG, P, S)
+        logits = torch.matmul(qr[:, g0:g1], k[:, g0:g1].to(dtype).transpose(-1, -2))
+        logits = logits.view(B, (g1 - g0) * G, P, S).mul_(scale).masked_fill_(~visible, 0.0)
         mean = logits.sum(-1, keepdim=True) / count[:, None]
         diag = logits.gather(-1, index.expand(*logits.shape[:2], P, O)).sub_(mean)
         del logits
-        diag = diag.masked_fill_(unseen, float("nan"))
-        out.append(diag.nanmedian(dim=-2).values)
+        diag = diag.masked_fill_(unseen, float("nan"))                       # (B, c, P, O)
+        if median == "nanmedian":
+            out.append(diag.nanmedian(dim=-2).values)
+        else:   # NaN sorts last: the seen rows' values first, in order
+            ordered = diag.transpose(-1, -2).sort(dim=-1).values            # (B, c, O, P)
+            out.append(ordered.gather(-1, middle.expand(*ordered.shape[:-1], 1))[..., 0])
     return torch.cat(out, dim=1)
 
 

@@ -28,16 +28,20 @@ def brute_scores(q, k, scale, n_rows=sp.PROBE_QUERY_ROWS):
     return out
 
 
+@pytest.mark.parametrize("median", sp.MEDIANS)
 @pytest.mark.parametrize("S,H,Hkv,n_rows", [(96, 4, 2, 64), (131, 2, 1, 16), (40, 3, 3, 64)])
-def test_scores_equal_the_brute_force(S, H, Hkv, n_rows):
+def test_scores_equal_the_brute_force(S, H, Hkv, n_rows, median):
     g = torch.Generator().manual_seed(S)
     q = torch.randn(2, H, S, 16, generator=g)
     k = torch.randn(2, Hkv, S, 16, generator=g)
-    got = sp.slash_probe_scores(q, k, 0.3, n_rows)
+    got = sp.slash_probe_scores(q, k, 0.3, n_rows, median=median)
     torch.testing.assert_close(got.double(), brute_scores(q, k, 0.3, n_rows), atol=1e-5,
                                rtol=1e-5)
     assert got.dtype == torch.float32
     assert sp.slash_probe_scores(q.double(), k.double(), 0.3, n_rows).dtype == torch.float64
+    assert torch.equal(got, sp.slash_probe_scores(q, k, 0.3, n_rows, median=sp.MEDIANS[0]))
+    with pytest.raises(ValueError, match="median must be one of"):
+        sp.slash_probe_scores(q, k, 0.3, n_rows, median="mean")
 
 
 def test_rows_and_offsets():
