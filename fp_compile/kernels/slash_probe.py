@@ -103,10 +103,11 @@ def slash_probe_scores(q: torch.Tensor, k: torch.Tensor, scale: float,
 
 
 def slash_probe_offsets(q: torch.Tensor, k: torch.Tensor, scale: float, kappa: float,
-                        n_rows: int = PROBE_QUERY_ROWS) -> torch.Tensor:
+                        n_rows: int = PROBE_QUERY_ROWS, median: str = "nanmedian"
+                        ) -> torch.Tensor:
     """(B, H, n_offsets) bool: the flagged diagonal offsets (median >= head median + kappa *
     MAD over the head's offsets)."""
-    score = slash_probe_scores(q, k, scale, n_rows)
+    score = slash_probe_scores(q, k, scale, n_rows, median)
     med = score.nanmedian(dim=-1, keepdim=True).values
     mad = (score - med).abs().nanmedian(dim=-1, keepdim=True).values.clamp_min(MAD_FLOOR)
     return score >= med + kappa * mad
@@ -125,12 +126,12 @@ def offset_blocks(heavy: torch.Tensor, block_size: int, M: int) -> torch.Tensor:
 
 
 def slash_probe_flags(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
-                      kappa: float, n_rows: int = PROBE_QUERY_ROWS
+                      kappa: float, n_rows: int = PROBE_QUERY_ROWS, median: str = "nanmedian"
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(column_blocks, diagonal_blocks), each (B, H, M) bool, as ``vertical_slash_flags``
     returns them: the columns all False, the diagonals those of the flagged offsets."""
     B, H, S, _ = q.shape
     M = cdiv(S, block_size)
-    heavy = slash_probe_offsets(q, k, scale, kappa, n_rows)
+    heavy = slash_probe_offsets(q, k, scale, kappa, n_rows, median)
     diagonal = offset_blocks(heavy, block_size, M)
     return torch.zeros_like(diagonal), diagonal
