@@ -44,8 +44,10 @@ MEDIANS = ("nanmedian", "sort")
 def probe_rows(S: int, n_rows: int = PROBE_QUERY_ROWS) -> list[int]:
     """The probe's query rows: min(n_rows, S - S // 2) rows spread evenly over S // 2 .. S - 1
     (distinct, ascending; the last is S - 1)."""
-    n = max(1, min(n_rows, S - S // 2))
-    return torch.linspace(S // 2, S - 1, n, dtype=torch.float64).long().tolist()
+    a, b = S // 2, S - 1
+    n = max(1, min(n_rows, b - a + 1))
+    # integers on the host (no tensor: the op's body is traced when compiled)
+    return [a + (i * (b - a)) // max(1, n - 1) for i in range(n)]
 
 
 def n_offsets(rows: list[int]) -> int:

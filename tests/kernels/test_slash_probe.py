@@ -104,3 +104,20 @@ def test_finds_the_planted_slash_lines():
             if o % bs:
                 assert diagonal[0, h, o // bs + 1], (h, o)
     assert diagonal.float().mean() < 0.1
+
+
+def test_traces_with_fake_tensors():
+    # the op's body (the probe with it) is traced when compiled with a static length: nothing
+    # may read a tensor's values on the host
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 256, 16, generator=g)
+    k = torch.randn(1, 2, 256, 16, generator=g)
+    def probe(median):
+        return lambda q, k: sp.slash_probe_flags(q, k, 0.25, 32, 3.0, median=median)
+
+    for median in sp.MEDIANS:
+        gm = make_fx(probe(median), tracing_mode="fake")(q, k)
+        got, want = gm(q, k), sp.slash_probe_flags(q, k, 0.25, 32, 3.0, median=median)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
