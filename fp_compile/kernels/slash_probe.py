@@ -50,6 +50,13 @@ def probe_rows(S: int, n_rows: int = PROBE_QUERY_ROWS) -> list[int]:
     return [a + (i * (b - a)) // max(1, n - 1) for i in range(n)]
 
 
+def device_rows(rows: list[int], device) -> torch.Tensor:
+    """``probe_rows``' list as a long tensor built on the device by arithmetic (no host-to-device
+    copy, so a CUDA graph captures it)."""
+    a, n = rows[0], len(rows)
+    return a + torch.arange(n, device=device) * (rows[-1] - a) // max(1, n - 1)
+
+
 def n_offsets(rows: list[int]) -> int:
     """The offsets o = 0 .. n_offsets - 1 are those seen (r >= o) by at least half of the rows."""
     # sorted rows: o is seen by len(rows) - #(rows < o) rows; >= len / 2 up to this row's value
@@ -74,7 +81,7 @@ def slash_probe_scores(q: torch.Tensor, k: torch.Tensor, scale: float,
     rows = probe_rows(S, n_rows)
     P, O = len(rows), n_offsets(rows)
     dtype = acc_dtype(q)
-    r = torch.tensor(rows, device=q.device)
+    r = device_rows(rows, q.device)
     keys = torch.arange(S, device=q.device)
     visible = keys[None, :] <= r[:, None]                                    # (P, S)
     count = visible.sum(-1).to(dtype)
@@ -86,7 +93,7 @@ def slash_probe_scores(q: torch.Tensor, k: torch.Tensor, scale: float,
     # one kv head at least per chunk; its G * P rows x S keys of logits within PROBE_BYTES
     per_kv = B * G * P * S * torch.finfo(dtype).bits // 8
     step = max(1, min(Hkv, PROBE_BYTES // max(1, per_kv)))
-    qr = q[:, :, rows].to(dtype).view(B, Hkv, G * P, D)
+    qr = q.index_select(2, r).to(dtype).view(B, Hkv, G * P, D)
     out = []
     for g0 in range(0, Hkv, step):
         g1 = min(Hkv, g0 + step)

@@ -121,3 +121,9 @@ def test_traces_with_fake_tensors():
         gm = make_fx(probe(median), tracing_mode="fake")(q, k)
         got, want = gm(q, k), sp.slash_probe_flags(q, k, 0.25, 32, 3.0, median=median)
         assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("S", [1, 2, 7, 100, 129, 8192, 131072])
+def test_device_rows_equal_the_host_rows(S):
+    rows = sp.probe_rows(S)
+    assert sp.device_rows(rows, "cpu").tolist() == rows
