@@ -7,7 +7,14 @@ time, density, kv groups run dense and relative L2 error of the output vs cuDNN'
 poisoned output memory). Times are GPU time of calls queued behind a sleep kernel (CUDA events,
 median); the op's host decision (one small device-to-host copy) is inside the timed calls.
 
+``--slash-probe 6,8`` adds a row "slash<kappa>" per kappa (the default config with
+``slash_probe=kappa``) and, per cell, the probe's own time (``slash_probe_flags``, with each
+median method of ``slash_probe_scores``), the diagonal block offsets it flags per head and, on
+planted inputs, the share of (slash head, planted offset) pairs whose blocks it flags.
+
     python benchmarks/bench_guards.py --out results/ [--seq-lens 8192,32768,131072]
+    python benchmarks/bench_guards.py --seq-lens 32768,131072 --slash-probe 6,8 \
+        --cells "planted 1,planted 1.5,planted 2,random 1" --out results/
 """
 
 from __future__ import annotations
@@ -25,22 +32,26 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import fp_compile  # noqa: E402
 from fp_compile import FlashPrefillConfig, flash_prefill  # noqa: E402
 from fp_compile.demo.bench import cuda_time, poison_allocator, rel_err  # noqa: E402
-from fp_compile.demo.synthetic import planted_qkv  # noqa: E402
+from fp_compile.demo.synthetic import planted_qkv_with_info  # noqa: E402
+from fp_compile.kernels import slash_probe as sp  # noqa: E402
 
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 SIGMAS = (1.0, 3.0)
 
 
-def inputs(kind: str, value: float, S: int, args, dtype):
+def inputs(kind: str, value: float, S: int, args, dtype, with_info: bool = False):
+    """q, k, v (and, with_info, planted_qkv_with_info's info; None for random inputs)."""
     B, H, Hkv, D = 1, args.heads, args.kv_heads, args.head_dim
     if kind == "planted":
-        return planted_qkv(B, H, Hkv, S, D, seed=args.seed, strength=value, dtype=dtype,
-                           device="cuda")
+        *qkv, info = planted_qkv_with_info(B, H, Hkv, S, D, seed=args.seed, strength=value,
+                                           dtype=dtype, device="cuda")
+        return (*qkv, info) if with_info else tuple(qkv)
     g = torch.Generator(device="cuda").manual_seed(args.seed)
     q = torch.randn(B, H, S, D, generator=g, device="cuda") * value
     k = torch.randn(B, Hkv, S, D, generator=g, device="cuda")
     v = torch.randn(B, Hkv, S, D, generator=g, device="cuda")
-    return q.to(dtype), k.to(dtype), v.to(dtype)
+    qkv = q.to(dtype), k.to(dtype), v.to(dtype)
+    return (*qkv, None) if with_info else qkv
 
 
 def cudnn(q, k, v):
@@ -59,6 +70,26 @@ def measure(q, k, v, cfg: FlashPrefillConfig, dense_out, reps: int) -> dict:
     del out
     res["ms"], res["spread"] = cuda_time(
         lambda: flash_prefill(q, k, v, enable_gqa=True, config=cfg), reps)
+    return res
+
+
+def probe_cell(q, k, info, cfg: FlashPrefillConfig, kappas, reps: int) -> dict:
+    """The slash probe alone: its time (each median method), the diagonal block offsets it
+    flags per head (mean) and, on planted inputs, the share of the planted lines it finds."""
+    scale = q.shape[-1] ** -0.5
+    bs = cfg.block_size
+    res = {}
+    for median in sp.MEDIANS:
+        res[f"probe_{median}_ms"], _ = cuda_time(
+            lambda m=median: sp.slash_probe_flags(q, k, scale, bs, kappas[0], median=m), reps)
+    for kappa in kappas:
+        diagonal = sp.slash_probe_flags(q, k, scale, bs, kappa)[1]
+        res[f"slash{kappa:g}_flagged"] = float(diagonal.float().sum(-1).mean())
+        if info is not None:
+            pairs = [(h, o) for h, kind in enumerate(info["kinds"]) if kind == "slash"
+                     for o in info["offsets"]]
+            found = [bool(diagonal[0, h, o // bs]) for h, o in pairs]
+            res[f"slash{kappa:g}_lines"] = sum(found) / max(1, len(found))
     return res
 
 
@@ -94,6 +125,9 @@ def main(argv=None) -> None:
     p.add_argument("--floors", default="",
                    help="also the default config with each of these mass_floor values")
     p.add_argument("--cells", default="", help="only these inputs, e.g. 'planted 1,random 3'")
+    p.add_argument("--slash-probe", default="",
+                   help="also the default config with slash_probe at each of these kappas "
+                        "(rows 'slash<kappa>'), and the probe's own time per cell")
     p.add_argument("--attribution", default="",
                    help="lengths at which to split the default's cost on 'planted 1': the "
                         "search with and without the mass pass, the op with and without the "
@@ -109,6 +143,9 @@ def main(argv=None) -> None:
     configs = {"paper": paper, "default": default}
     for floor in filter(None, args.floors.split(",")):
         configs[f"floor{floor}"] = default.replace(mass_floor=float(floor))
+    kappas = [float(x) for x in args.slash_probe.split(",") if x]
+    for kappa in kappas:
+        configs[f"slash{kappa:g}"] = default.replace(slash_probe=kappa)
     cells = [("planted", s) for s in STRENGTHS] + [("random", s) for s in SIGMAS]
     if args.cells:
         wanted = {c.strip() for c in args.cells.split(",")}
@@ -117,7 +154,7 @@ def main(argv=None) -> None:
     for S in [int(s) for s in args.seq_lens.split(",")]:
         reps = max(3, min(args.reps, int(4e5 / S)))
         for kind, value in cells:
-            q, k, v = inputs(kind, value, S, args, dtype)
+            q, k, v, info = inputs(kind, value, S, args, dtype, with_info=True)
             dense_out = cudnn(q, k, v)
             row = {"S": S, "input": f"{kind} {value:g}", "reps": reps}
             # cuDNN timed before and after the op's configs (the clock drifts between cells:
@@ -131,6 +168,8 @@ def main(argv=None) -> None:
                 (before + after) / 2, before, after)
             for name in configs:
                 row[f"{name}_x"] = row["cudnn_ms"] / row[f"{name}_ms"]
+            if kappas:
+                row.update(probe_cell(q, k, info, default, kappas, reps))
             rows.append(row)
             line = f"{S:>7} {row['input']:>12} cudnn {row['cudnn_ms']:8.2f}"
             for name in configs:
@@ -138,6 +177,13 @@ def main(argv=None) -> None:
                          f" d {row[name + '_density']:.3f} dh {row[name + '_dense_heads']:>2}"
                          f" err {row[name + '_err']:.3f}"
                          + ("" if row[name + "_finite"] else " NONFINITE"))
+            if kappas:
+                line += " | probe " + " ".join(f"{m} {row[f'probe_{m}_ms']:.2f}"
+                                               for m in sp.MEDIANS)
+                for kappa in kappas:
+                    line += (f" k{kappa:g} flagged {row[f'slash{kappa:g}_flagged']:.1f}"
+                             + (f" lines {row[f'slash{kappa:g}_lines']:.2f}"
+                                if info is not None else ""))
             print(line, flush=True)
             del q, k, v, dense_out
             torch.cuda.empty_cache()
@@ -149,7 +195,8 @@ def main(argv=None) -> None:
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "argv": sys.argv[1:],
             "default_config": {k: getattr(default, k) for k in ("alpha", "mass_floor",
-                                                                "dense_above", "min_seq_len")}}
+                                                                "dense_above", "min_seq_len")},
+            "slash_probe_kappas": kappas}
     with open(os.path.join(args.out, "bench_guards.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows, "attribution": attribution}, f, indent=1)
     for name in configs:

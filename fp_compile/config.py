@@ -22,6 +22,7 @@ _BEYOND_PAPER_OFF: dict[str, Any] = {
     "mass_floor": 0.0,
     "dense_above": 1.0,
     "fp8_attention": False,
+    "slash_probe": 0.0,
 }
 
 
@@ -68,6 +69,13 @@ class FlashPrefillConfig:
             the fields are independent of each other here). On CPU (or
             kernel="reference") the plain-torch reference of the same arithmetic runs. Off by
             default: see benchmarks/bench_fp8.py for its speed and error.
+        slash_probe: kappa of the slash probe (``kernels/slash_probe.py``); 0 is off. Exact
+            logits of 64 query rows spread over the prompt's second half, each row centred,
+            the median over the rows per diagonal offset: an offset at least kappa median
+            absolute deviations above its head's median is a slash line, and its key blocks are
+            added to every query block it reaches (diagonals only, OR-ed with
+            ``vertical_slash``'s). Not supported with a span (ValueError). Off by default
+            until measured on the GPU (benchmarks/bench_guards.py --slash-probe).
         dense_layers: layers that stay dense, numbered as the pass numbers them (the model's
             layer index, e.g. ``layers.3.self_attn`` is 3; else the SDPA call's order in its
             graph).
@@ -89,6 +97,7 @@ class FlashPrefillConfig:
     mass_floor: float = 0.8
     dense_above: float = 0.6
     fp8_attention: bool = False
+    slash_probe: float = 0.0
     dense_layers: tuple[int, ...] = ()
     layer_alpha: tuple[tuple[int, float], ...] = ()
     collect_stats: bool = False
@@ -122,6 +131,7 @@ class FlashPrefillConfig:
                      "fp8_attention"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"FlashPrefillConfig.{name} must be a bool")
+        object.__setattr__(self, "slash_probe", _check_kappa("slash_probe", self.slash_probe))
         # Accept lists / dicts from users (and torch.compile options) but store hashable tuples.
         object.__setattr__(self, "dense_layers", _layers(self.dense_layers))
         object.__setattr__(self, "layer_alpha", _layer_alphas(self.layer_alpha))
@@ -202,3 +212,13 @@ def _check_alpha(name: str, value: Any) -> None:
         raise ValueError(f"FlashPrefillConfig.{name} must be a float, got {value!r}")
     if math.isnan(value) or value < 0 or value > 1:
         raise ValueError(f"FlashPrefillConfig.{name} must be in [0, 1], got {value}")
+
+
+def _check_kappa(name: str, value: Any) -> float:
+    """A finite float >= 0 (ints accepted), returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"FlashPrefillConfig.{name} must be a float, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"FlashPrefillConfig.{name} must be finite and >= 0 (0: off), got "
+                         f"{value}")
+    return float(value)

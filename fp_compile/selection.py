@@ -1,6 +1,6 @@
 """The selection front of the dispatch layer: which implementation serves a call, and the
 kept key blocks of a whole call (``select``), compact, with the mass guard and the
-vertical/slash detector's blocks. ``dispatch`` re-exports every name here; the chunked
+line detectors' blocks (vertical/slash detector, slash probe). ``dispatch`` re-exports every name here; the chunked
 selection of long prompts, the dense decision and the attention stay in ``dispatch``.
 """
 
@@ -43,7 +43,7 @@ def select_mask(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPre
     return select_mask_reference(
         q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
         config.last_dense_blocks, config.gqa_shared, config.vertical_slash, config.vs_threshold,
-        config.mass_floor, return_mass=return_mass)
+        config.mass_floor, return_mass=return_mass, slash_probe=config.slash_probe)
 
 
 def select(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig, *,
@@ -73,11 +73,20 @@ def select(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillC
 
 def vs_flags(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig
              ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The vertical/slash detector's (column_blocks, diagonal_blocks), each (B, H, M) bool, for
-    the Triton search's ``vs_blocks``; None when the detector is off. Computed once per call:
-    it reads the whole prompt's last query block, whichever rows a search selects."""
-    if not config.vertical_slash:
-        return None
-    from .kernels.vertical_slash import vertical_slash_flags
+    """The line detectors' (column_blocks, diagonal_blocks), each (B, H, M) bool, for the Triton
+    search's ``vs_blocks``: the vertical/slash detector's (``vertical_slash``) OR the slash
+    probe's (``slash_probe`` > 0; diagonals only); None when both are off. Computed once per
+    call: they read the whole prompt (the last query block; rows across the second half),
+    whichever rows a search selects."""
+    flags = None
+    if config.vertical_slash:
+        from .kernels.vertical_slash import vertical_slash_flags
 
-    return vertical_slash_flags(q, k, scale, config.block_size, config.vs_threshold)
+        flags = vertical_slash_flags(q, k, scale, config.block_size, config.vs_threshold)
+    if config.slash_probe > 0:
+        from .kernels.slash_probe import slash_probe_flags
+
+        column, diagonal = slash_probe_flags(q, k, scale, config.block_size,
+                                             config.slash_probe)
+        flags = (column, diagonal) if flags is None else (flags[0], flags[1] | diagonal)
+    return flags

@@ -21,7 +21,8 @@ Differences from the plain dispatch (``dispatch.run``), named so they are not su
   kernel's gap at full density), not a cuDNN call. The mass guard (``mass_floor``) holds as
   usual. Below ``min_seq_len`` (compared with S_kv) the call runs masked SDPA.
 * no chunking of the selection (``dispatch.INDEX_BYTES``): the index is (B, H, S_q / bs + 1, M).
-* ``mean_correction`` and ``vertical_slash`` are refused with a span (ValueError).
+* ``mean_correction``, ``vertical_slash`` and ``slash_probe`` are refused with a span
+  (ValueError).
 """
 
 from __future__ import annotations
@@ -85,10 +86,11 @@ def span_of(q: torch.Tensor, k: torch.Tensor, key_mask: Optional[torch.Tensor] =
 
 
 def _check_config(config: FlashPrefillConfig) -> None:
-    for name in ("mean_correction", "vertical_slash", "fp8_attention"):
+    for name in ("mean_correction", "vertical_slash", "fp8_attention", "slash_probe"):
         if getattr(config, name):
-            raise ValueError(f"flash_prefill: {name}=True is not supported for padded, "
-                             f"offset or cache-buffer calls (a key_mask, q_pos or S_q < S_kv)")
+            raise ValueError(f"flash_prefill: {name}={getattr(config, name)!r} is not "
+                             f"supported for padded, offset or cache-buffer calls (a key_mask, "
+                             f"q_pos or S_q < S_kv)")
 
 
 def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .block_means import key_block_means
+from .slash_probe import slash_probe_flags
 from .utils import (Span, cdiv, compact_mask, gqa_union, group_view, rows_per_chunk,
                     span_rows)
 from .vertical_slash import add_vertical_slash, vertical_slash_flags_reference
@@ -187,21 +188,23 @@ def select_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block_
                           last_dense_blocks: int, gqa_shared: bool = False,
                           vertical_slash: bool = False, vs_threshold: float = 0.015,
                           mass_floor: float = 0.0, *, return_mass: bool = False,
-                          span: Span | None = None):
+                          span: Span | None = None, slash_probe: float = 0.0):
     """Kept (query block, key block) pairs as a dense bool mask (B, H, M, M).
 
     With ``mass_floor`` > 0 a row whose kept estimated mass falls below it keeps more blocks
     (``guarded_choice``). With ``vertical_slash``, key blocks of heavy columns and diagonals
-    found by ``vertical_slash_flags_reference`` are added to every query block they reach.
+    found by ``vertical_slash_flags_reference`` are added to every query block they reach;
+    with ``slash_probe`` (kappa) > 0, the diagonals of ``slash_probe_flags`` likewise.
     ``return_mass``: also return the estimated kept mass per row (B, H, M) fp32 (1 for dense
     rows), before the vertical/slash and GQA additions.
     ``span``: q (B, H, S_q, D) at key positions p0 .. p0 + S_q - 1 of k (B, Hkv, S, D), valid
     keys ks[b] <= j < ke[b]; the mask is then (B, H, n, M), n = span_rows(S_q, block_size),
     row t the absolute query block p0 // block_size + t (the mass (B, H, n)).
     """
-    if span is not None and vertical_slash:
-        raise ValueError("select_mask_reference: vertical_slash=True is not supported with a "
-                         "span (padded/offset call)")
+    for name, on in (("vertical_slash=True", vertical_slash), ("slash_probe", slash_probe > 0)):
+        if span is not None and on:
+            raise ValueError(f"select_mask_reference: {name} is not supported with a span "
+                             f"(padded/offset call)")
     B, H, S, D = q.shape
     Hkv = k.shape[1]
     M = cdiv(k.shape[2], block_size)
@@ -231,6 +234,8 @@ def select_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block_
     if vertical_slash:
         keep = add_vertical_slash(
             keep, *vertical_slash_flags_reference(q, k, scale, block_size, vs_threshold))
+    if slash_probe > 0:
+        keep = add_vertical_slash(keep, *slash_probe_flags(q, k, scale, block_size, slash_probe))
     if gqa_shared:
         keep = gqa_union(keep, Hkv)
     return (keep, mass) if return_mass else keep
