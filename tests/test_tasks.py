@@ -14,23 +14,24 @@ V = ft.VOCAB
 
 def solve(prompt: list[int]) -> list[int]:
     """The answer, from the prompt alone, by reading it as a person would."""
-    assert prompt[0] == V.bos and prompt[-1] == V.answer
+    assert prompt[0] == V.bos
     task = ft.TASKS[prompt[1] - V.task0]
     q = len(prompt) - 1 - prompt[::-1].index(V.query)      # the last QUERY
     assert prompt[q + 1] == prompt[1]
-    body, asked = prompt[2:q], prompt[q + 2:-1]
+    body, asked = prompt[2:q], prompt[q + 2:]
     if task == "common_words":
         counts = Counter(body).most_common()
         n = next(i for i in range(1, len(counts)) if counts[i][1] < counts[0][1] / 2)
         return sorted(word for word, _ in counts[:n])
-    statements = [body[i + 1:i + 5] for i, t in enumerate(body) if t in (V.needle, V.var)]
+    needles = [body[i + 1:i + 4] for i, t in enumerate(body) if t == V.needle]
     if task in ("niah_single", "niah_multikey"):
-        found = [s[2:4] for s in statements if s[0] == asked[0] and s[1] == V.is_]
+        found = [s[1:3] for s in needles if s[0] == asked[0]]
         assert len(found) == 1
         return found[0]
     if task == "niah_multivalue":
-        return sorted(s[2] for s in statements if s[0] == asked[0] and s[1] == V.is_)
-    assign = {s[0]: s[2] for s in statements if s[1] == V.eq}   # name -> what it is set to
+        return sorted(s[1] for s in needles if s[0] == asked[0])
+    # VAR a b: b takes a's value
+    assign = {body[i + 2]: body[i + 1] for i, t in enumerate(body) if t == V.var}
     chain, last = [], asked[0]
     while True:
         nxt = [name for name, rhs in assign.items() if rhs == last]
@@ -68,9 +69,8 @@ def test_layout_markers_only_where_they_belong():
     assert (batch.tokens[:, 0] == V.bos).all() and (batch.tokens < V.size).all()
     for row in batch.tokens:
         body = row[2:row.tolist().index(V.query)]
-        noise_or_item = (body >= V.noise[0]) | (body == V.needle) | (body == V.is_) | \
-                        (body == V.var) | (body == V.eq)
-        assert noise_or_item.all()                 # no BOS / QUERY / ANS / task marker inside
+        noise_or_item = (body >= V.noise[0]) | (body == V.needle) | (body == V.var)
+        assert noise_or_item.all()                 # no BOS / QUERY / task marker inside
     # answers: values for needles, names for variables, words for common words
     for row in range(len(batch)):
         task, answer = ft.TASKS[batch.task_ids[row]], batch.answer(row)
@@ -111,17 +111,19 @@ def test_chain_statements_keep_their_order():
     batch = ft.generate("variable_tracking", 50, 600, seed=3, hops=3, n_chains=3)
     for row in range(len(batch)):
         prompt = batch.prompt(row)
-        at = {prompt[i + 1]: i for i, t in enumerate(prompt) if t == V.var}
+        at = {prompt[i + 2]: i for i, t in enumerate(prompt) if t == V.var}   # VAR a b: b set
         names = batch.answer(row)
         assert [at[n] for n in names] == sorted(at[n] for n in names)
 
 
 def test_repeat_haystack_repeats_a_phrase():
     batch = ft.generate("common_words", 2, 200, seed=0, haystack="repeat")  # words: no haystack
-    assert (batch.tokens[:, 2:-6] >= V.noise[0]).all()
-    hay = ft.generate("niah_single", 2, 400, seed=0, haystack="repeat").tokens[:, 2:-8]
-    same = (hay[:, ft.PHRASE_LEN:] == hay[:, :-ft.PHRASE_LEN]).float().mean()
-    assert same > 0.95                              # all but the needle's tokens
+    assert (batch.tokens[:, 2:-5] >= V.noise[0]).all()
+    hay = ft.generate("niah_single", 8, 600, seed=0, haystack="repeat").tokens[:, 2:-5]
+    for row in hay:
+        period = next(p for p in range(ft.PHRASE_LEN[0], ft.PHRASE_LEN[1] + 1)
+                      if (row[p:] == row[:-p]).float().mean() > 0.95)   # all but the needle
+        assert len(set(row[:period].tolist())) > period // 2
 
 
 @pytest.mark.parametrize("task, params, match", [
@@ -143,9 +145,15 @@ def test_several_questions_each_answered_by_the_prompt_before_it(task, params):
     n = params["n_queries"]
     for row in range(len(batch)):
         tokens, mask = batch.tokens[row].tolist(), batch.answer_mask[row].tolist()
-        ends = [i + 1 for i in range(len(mask)) if mask[i] and (i + 1 == len(mask) or not mask[i + 1])]
+        ends = [i + 1 for i in range(len(mask))
+                if mask[i] and (i + 1 == len(mask) or not mask[i + 1])]
         starts = [i for i in range(len(mask)) if mask[i] and not mask[i - 1]]
         assert len(ends) == len(starts) == n
         answers = [tokens[a:b] for a, b in zip(starts, ends)]
         assert [solve(tokens[:a]) for a in starts] == answers
         assert len({tuple(a) for a in answers}) == n       # different keys / chains asked
+
+
+@pytest.mark.parametrize("task, params", CASES)
+def test_answer_len_matches_the_generator(task, params):
+    assert len(ft.generate(task, 1, 300, **params).answer(0)) == ft.answer_len(task, **params)

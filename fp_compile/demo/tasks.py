@@ -2,34 +2,39 @@
 
 Every sample is one token sequence of ``seq_len`` tokens, the prompt followed by the answer::
 
-    BOS TASK <body: haystack with the needles / statements / word list> QUERY TASK <q> ANS <answer>
+    BOS TASK <body: haystack with the needles / statements / word list> QUERY TASK <q> <answer>
 
-The answer is what the model must produce after ``ANS``; training puts the loss on the answer
+The answer is what the model must produce after the question; training puts the loss on the answer
 tokens only and the evaluation scores a sample correct when every answer token is right.
 Multi-key needles and variable tracking can ask ``n_queries`` questions in a row (each
-``QUERY TASK q ANS answer``, about different keys / chains): training does, for more answer
+``QUERY TASK q answer``, about different keys / chains): training does, for more answer
 tokens per sequence; the evaluation asks one.
 Tasks (``TASKS``):
 
-* ``niah_single``: one needle ``NEEDLE k IS v1 v2`` in the haystack; ``q = k``; answer ``v1 v2``.
+* ``niah_single``: one needle ``NEEDLE k v1 v2`` in the haystack; ``q = k``; answer ``v1 v2``.
 * ``niah_multikey``: ``n_keys`` needles with distinct keys (the others are distractors); one
   key is asked for; answer its two value tokens.
-* ``niah_multivalue``: ``n_values`` needles ``NEEDLE k IS v`` share one key, plus
+* ``niah_multivalue``: ``n_values`` needles ``NEEDLE k v`` share one key, plus
   ``n_distract`` needles of other keys; ``q = k``; answer every value of ``k`` in ascending
   token order (a canonical order: the exact match then scores the set, as RULER does).
-* ``variable_tracking``: ``n_chains`` chains of ``hops + 1`` statements ``VAR x1 = v``,
-  ``VAR x2 = x1``, ... (a chain's statements in order, chains interleaved); ``q = v`` of the
-  first chain; answer its variables ``x1 .. x_{hops+1}`` in chain order.
+* ``variable_tracking``: ``n_chains`` chains of ``hops + 1`` statements ``VAR v x1``,
+  ``VAR x1 x2``, ... (``VAR a b``: b takes a's value, RULER's ``b = a``; a chain's statements
+  in order, chains interleaved); ``q = v`` of the first chain; answer its variables
+  ``x1 .. x_{hops+1}`` in chain order (every variable that holds ``v``).
 * ``common_words``: the body is a word list in which ``n_common`` words take ``common_frac`` of
   the positions each and the rest are drawn uniformly from the other words; no ``q``; answer
   the common words in ascending token order.
 
+Words are single tokens and the answer follows the question directly, so each lookup is a copy
+of what follows an earlier occurrence of the question's last token (what induction heads do):
+the formats are chosen to be learnable by a small model in minutes.
+
 Needles and statements are placed at positions uniform over the body (the body is cut into one
 segment per item, items are dealt to segments at random and land anywhere inside theirs), so the
 queried item's depth is uniform. The haystack is i.i.d. noise tokens or, for ``"repeat"``, a
-random 16-token phrase repeated (RULER's repeated-sentences haystack). Everything is vectorised
-over the batch (no per-token Python loop) and drawn from generators seeded by ``seed``, so a
-batch is a function of (task, batch, seq_len, seed, device, parameters).
+random phrase of 8-64 tokens repeated (RULER's repeated-sentences haystack). Everything is
+vectorised over the batch (no per-token Python loop) and drawn from generators seeded by
+``seed``, so a batch is a function of (task, batch, seq_len, seed, device, parameters).
 """
 
 from __future__ import annotations
@@ -48,11 +53,8 @@ class Vocab:
     size: int = 512
     bos: int = 0
     needle: int = 1
-    is_: int = 2
-    query: int = 3
-    answer: int = 4
-    var: int = 5
-    eq: int = 6
+    query: int = 2
+    var: int = 3
     task0: int = 8            # task marker of TASKS[i] is task0 + i
     noise: tuple[int, int] = (16, 256)
     keys: tuple[int, int] = (256, 384)
@@ -65,13 +67,14 @@ class Vocab:
 VOCAB = Vocab()
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "common_words")
 HAYSTACKS = ("noise", "repeat")
-PHRASE_LEN = 16
+PHRASE_LEN = (8, 64)        # the repeated haystack's phrase: 8 to 64 tokens, per row
 
 
 @dataclass
 class TaskBatch:
     """``tokens`` (B, S) int64, prompt then answer; ``answer_mask`` (B, S) bool, True on the
-    answer tokens (the last tokens of each row, and earlier answers with ``n_queries`` > 1); ``task_ids`` (B,) int64 into ``TASKS``;
+    answer tokens (the last tokens of each row, and earlier answers with ``n_queries`` > 1);
+    ``task_ids`` (B,) int64 into ``TASKS``;
     ``depth`` (B,) float32, the queried item's start / S (NaN for common_words)."""
 
     tokens: torch.Tensor
@@ -133,9 +136,10 @@ def _haystack(draw: _Draw, B: int, L: int, kind: str) -> torch.Tensor:
         return draw.ints(lo, hi, (B, L))
     if kind != "repeat":
         raise ValueError(f"unknown haystack {kind!r}; choose from {HAYSTACKS}")
-    phrase = draw.ints(lo, hi, (B, PHRASE_LEN))
-    phase = draw.ints(0, PHRASE_LEN, (B, 1))
-    at = (torch.arange(L, device=draw.device)[None] + phase) % PHRASE_LEN
+    phrase = draw.ints(lo, hi, (B, PHRASE_LEN[1]))
+    period = draw.ints(PHRASE_LEN[0], PHRASE_LEN[1] + 1, (B, 1))
+    phase = draw.ints(0, PHRASE_LEN[0], (B, 1))
+    at = (torch.arange(L, device=draw.device)[None] + phase) % period
     return phrase.gather(1, at)
 
 
@@ -159,7 +163,7 @@ def _place(draw: _Draw, body: torch.Tensor, items: torch.Tensor,
 
 def _frame(task: str, body: torch.Tensor, query: torch.Tensor, answer: torch.Tensor,
            depth: torch.Tensor) -> TaskBatch:
-    """Join BOS TASK body, then per question j: QUERY TASK query[:, j] ANS answer[:, j].
+    """Join BOS TASK body, then per question j: QUERY TASK query[:, j] answer[:, j].
     ``query`` (B, nq, Lq), ``answer`` (B, nq, La); ``depth`` (B,) holds body positions."""
     B, nq, device = body.shape[0], query.shape[1], body.device
     t = VOCAB.task0 + TASKS.index(task)
@@ -167,8 +171,7 @@ def _frame(task: str, body: torch.Tensor, query: torch.Tensor, answer: torch.Ten
     def col(token: int, *shape) -> torch.Tensor:
         return torch.full((B, *shape, 1), token, dtype=torch.long, device=device)
 
-    asks = torch.cat([col(VOCAB.query, nq), col(t, nq), query, col(VOCAB.answer, nq), answer],
-                     dim=-1)
+    asks = torch.cat([col(VOCAB.query, nq), col(t, nq), query, answer], dim=-1)
     tokens = torch.cat([col(VOCAB.bos), col(t), body, asks.flatten(1)], dim=1)
     mask = torch.zeros_like(asks, dtype=torch.bool)
     mask[..., asks.shape[-1] - answer.shape[-1]:] = True
@@ -179,7 +182,7 @@ def _frame(task: str, body: torch.Tensor, query: torch.Tensor, answer: torch.Ten
 
 
 def _body_len(seq_len: int, query_len: int, answer_len: int, n_queries: int = 1) -> int:
-    return seq_len - 2 - n_queries * (3 + query_len + answer_len)
+    return seq_len - 2 - n_queries * (2 + query_len + answer_len)
 
 
 def niah(draw, B, S, haystack="noise", n_keys=1, task="niah_multikey", n_queries=1) -> TaskBatch:
@@ -188,8 +191,8 @@ def niah(draw, B, S, haystack="noise", n_keys=1, task="niah_multikey", n_queries
     body = _haystack(draw, B, _body_len(S, 1, 2, n_queries), haystack)
     keys = draw.distinct(B, n_keys, *VOCAB.keys)
     values = draw.ints(*VOCAB.values, (B, n_keys, 2))
-    marks = torch.tensor([VOCAB.needle, VOCAB.is_], device=draw.device).expand(B, n_keys, 2)
-    items = torch.cat([marks[..., :1], keys[..., None], marks[..., 1:], values], dim=-1)
+    items = torch.cat([torch.full_like(values[..., :1], VOCAB.needle), keys[..., None], values],
+                      dim=-1)
     start = _place(draw, body, items)
     asked = draw.permutation(B, n_keys)[:, :n_queries]
     answer = values.gather(1, asked[..., None].expand(B, n_queries, 2))
@@ -202,8 +205,7 @@ def niah_multivalue(draw, B, S, haystack="noise", n_values=4, n_distract=2) -> T
     keys = draw.distinct(B, 1 + n_distract, *VOCAB.keys)
     values = draw.distinct(B, n_values + n_distract, *VOCAB.values)
     item_keys = torch.cat([keys[:, :1].expand(B, n_values), keys[:, 1:]], dim=1)
-    items = torch.stack([torch.full_like(values, VOCAB.needle), item_keys,
-                         torch.full_like(values, VOCAB.is_), values], dim=-1)
+    items = torch.stack([torch.full_like(values, VOCAB.needle), item_keys, values], dim=-1)
     start = _place(draw, body, items)
     answer = values[:, :n_values].sort(dim=1).values
     return _frame("niah_multivalue", body, keys[:, None, :1], answer[:, None],
@@ -218,9 +220,8 @@ def variable_tracking(draw, B, S, haystack="noise", hops=2, n_chains=3,
     body = _haystack(draw, B, _body_len(S, 1, chain, n_queries), haystack)
     names = draw.distinct(B, n_chains * chain, *VOCAB.keys).view(B, n_chains, chain)
     values = draw.distinct(B, n_chains, *VOCAB.values)
-    rhs = torch.cat([values[..., None], names[..., :-1]], dim=-1)      # x1 = v, x2 = x1, ...
-    items = torch.stack([torch.full_like(names, VOCAB.var), names,
-                         torch.full_like(names, VOCAB.eq), rhs], dim=-1)
+    src = torch.cat([values[..., None], names[..., :-1]], dim=-1)      # VAR v x1, VAR x1 x2, ...
+    items = torch.stack([torch.full_like(names, VOCAB.var), src, names], dim=-1)
     # a chain's statements keep their order: deal segments at random, sort them within a chain
     slots = draw.permutation(B, n_chains * chain).view(B, n_chains, chain).sort(-1).values
     start = _place(draw, body, items.flatten(1, 2), slots.flatten(1))
@@ -260,6 +261,17 @@ def generate(task: str, batch: int, seq_len: int, *, seed: int = 0, device="cpu"
     if task not in _MAKERS:
         raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
     return _MAKERS[task](_Draw(seed, device), batch, seq_len, haystack, **params)
+
+
+def answer_len(task: str, **params) -> int:
+    """Tokens in one answer of ``task`` with ``params`` (defaults of the generator)."""
+    if task in ("niah_single", "niah_multikey"):
+        return 2
+    if task == "niah_multivalue":
+        return params.get("n_values", 4)
+    if task == "variable_tracking":
+        return params.get("hops", 2) + 1
+    return params.get("n_common", 3)
 
 
 # Parameters of the evaluation: what the benchmark and the demo ask.
