@@ -208,7 +208,7 @@ def run_demo(args, config: FlashPrefillConfig) -> dict:
         def backend(gm, example_inputs):
             reports.append(rewrite_sdpa(gm, cfg))
             return gm.forward
-    fast = torch.compile(model, backend=backend)
+    fast = torch.compile(model, backend=backend, dynamic=False)   # one prefill, one decode graph
     model.setup_caches(1, S + DEMO_NEW_TOKENS)
     results = {}
     with torch.no_grad():
@@ -216,7 +216,8 @@ def run_demo(args, config: FlashPrefillConfig) -> dict:
             n = ft.answer_len(task, **ft.EVAL_PARAMS[task])
             batch = ft.generate(task, 1, S + n, seed=EVAL_SEED + args.seed, device=args.device,
                                 **ft.EVAL_PARAMS[task])
-            prompt, expected = batch.tokens[:, :S], batch.answer(0)
+            prompt = batch.tokens[:, :S].clone(memory_format=torch.contiguous_format)
+            expected = batch.answer(0)
             dense = _answer(model, prompt, n)
             reset_stats()
             sparse = _answer(fast, prompt, n)
@@ -239,5 +240,5 @@ def run_demo(args, config: FlashPrefillConfig) -> dict:
 def _describe(batch: ft.TaskBatch) -> str:
     """The question of row 0 in words."""
     prompt = batch.prompt(0)
-    asked = prompt[prompt.index(ft.VOCAB.query) + 2:-1]
-    return f"asked {asked}" if asked else "asked for the common words"
+    asked = prompt[len(prompt) - prompt[::-1].index(ft.VOCAB.query) + 1:]
+    return f"asked about token {asked}" if asked else "asked for the common words"
