@@ -184,8 +184,9 @@ def main(argv=None) -> dict:
     env = dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
                device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                torch=torch.__version__, triton=_triton_version(), dtype=args.dtype,
-               compile=args.compile, n=args.n, block_size=args.block_size, weights=str(args.weights or tr.WEIGHTS),
-               model_args=meta["model_args"], eval_params=ft.EVAL_PARAMS)
+               compile=args.compile, n=args.n, block_size=args.block_size,
+               weights=str(args.weights or tr.WEIGHTS), model_args=meta["model_args"],
+               eval_params=ft.EVAL_PARAMS, dense_accuracy_at_training=meta.get("dense_accuracy"))
     out = dict(env=env, calibration=calibration, results=results, table=text)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
