@@ -27,15 +27,16 @@ def test_answer_loss_is_the_cross_entropy_of_the_answer_tokens():
     model = _model()
     batch = ft.mixed_batch(10, 200, seed=0)
     with torch.no_grad():
-        total, loss, ok = train.answer_loss(model, batch.tokens, batch.answer_mask)
+        total, loss, ok, right = train.answer_loss(model, batch.tokens, batch.answer_mask)
         logits = model(batch.tokens)[:, :-1]
     m = batch.answer_mask[:, 1:]
     expected = F.cross_entropy(logits[m], batch.tokens[:, 1:][m])
+    assert torch.equal(right, ((logits.argmax(-1) == batch.tokens[:, 1:]) & m).sum(-1))
     assert torch.allclose(loss, expected, atol=1e-5) and torch.equal(total, loss)
     rest = ~m
     lm = F.cross_entropy(logits[rest], batch.tokens[:, 1:][rest])
     with torch.no_grad():
-        total, _, _ = train.answer_loss(model, batch.tokens, batch.answer_mask, 0.5)
+        total, *_ = train.answer_loss(model, batch.tokens, batch.answer_mask, 0.5)
     assert torch.allclose(total, expected + 0.5 * lm, atol=1e-5)
 
 
@@ -43,7 +44,7 @@ def test_row_correct_counts_every_answer_of_the_row():
     model = _model()
     batch = ft.generate("niah_multikey", 4, 160, seed=1, n_keys=4, n_queries=3)
     with torch.no_grad():
-        _, _, ok = train.answer_loss(model, batch.tokens, batch.answer_mask)
+        _, _, ok, _ = train.answer_loss(model, batch.tokens, batch.answer_mask)
         pred = model(batch.tokens)[:, :-1].argmax(-1)
     m = batch.answer_mask[:, 1:]
     assert torch.equal(ok, ((pred == batch.tokens[:, 1:]) | ~m).all(-1))
@@ -66,7 +67,7 @@ def test_a_tiny_run_writes_weights_that_load_and_score(tmp_path, capsys):
     assert set(meta["dense_accuracy"]) == {"128"}
     assert set(meta["dense_accuracy"]["128"]) == set(ft.TASKS)
     assert meta["versions"]["torch"] == torch.__version__
-    assert math.isfinite(meta["log"][-1]["loss"])
+    assert math.isfinite(meta["log"][-1]["loss"]) and 0 <= meta["log"][-1]["token_acc"] <= 1
     model, loaded = tr.load_trained_model("cpu", path=path, max_seq_len=300)
     assert model.args.max_seq_len == 300 and model.args.rope_theta == train.ROPE_THETA
     assert loaded["model_args"]["max_seq_len"] == train.MAX_SEQ_LEN

@@ -35,14 +35,14 @@ def meta_path(weights: pathlib.Path) -> pathlib.Path:
 
 
 def save_trained(model: fm.Transformer, meta: dict, path) -> pathlib.Path:
-    """Write the weights (fp32 when they fit in 24 MB, else bf16) and ``meta`` + the ModelArgs
-    as JSON next to them. Returns the weights' path."""
+    """Write the weights (fp32 when they fit in 24 MB, else bf16: the budget is 25 MB) and
+    ``meta`` + the ModelArgs as JSON next to them. Returns the weights' path."""
     from safetensors.torch import save_file
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n = sum(p.numel() for p in model.parameters())
-    dtype = torch.float32 if 4 * n <= 24 * 2 ** 20 else torch.bfloat16
+    dtype = torch.float32 if 4 * n <= 24 * 10 ** 6 else torch.bfloat16
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path))
     meta = dict(meta, model_args=dataclasses.asdict(model.args), vocab=ft.VOCAB.as_dict(),
