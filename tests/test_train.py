@@ -79,3 +79,10 @@ def test_a_tiny_run_writes_weights_that_load_and_score(tmp_path, capsys):
 def test_missing_weights_name_the_path_and_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="longctx.safetensors.*fp_compile.demo.train"):
         tr.load_trained_model(path=tmp_path / "longctx.safetensors")
+
+
+@pytest.mark.parametrize("seq_len", [128, 512, 2048])
+def test_training_answers_fit_in_the_loss_tail(seq_len):
+    for seed in range(5):
+        batch = ft.mixed_batch(10, seq_len, seed=seed)
+        assert not batch.answer_mask[:, :-train.LOSS_TAIL].any()
