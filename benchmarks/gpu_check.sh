@@ -4,11 +4,13 @@
 # ./gpu_out), packed into results.tgz.
 #   bash benchmarks/gpu_check.sh                 # tests bench demo
 #   bash benchmarks/gpu_check.sh tests bench     # some parts: tests bench guards spans scale accuracy demo
+#   bash benchmarks/gpu_check.sh train trained  # train the long-context model, then its benchmark
 # Extra arguments for bench_attention.py go in $BENCH_ARGS. Each part has a time limit
 # (TEST_TIMEOUT, BENCH_TIMEOUT, GUARDS_TIMEOUT, SPANS_TIMEOUT, SCALE_TIMEOUT, ACC_TIMEOUT,
-# DEMO_TIMEOUT seconds) so one call
-# fits in 10 minutes. GUARDS_ARGS / SPANS_ARGS / SCALE_ARGS: extra arguments for
-# bench_guards.py / bench_spans.py / bench_scale.py.
+# DEMO_TIMEOUT, TRAIN_TIMEOUT, TRAINED_TIMEOUT seconds) so one call
+# fits in 10 minutes. GUARDS_ARGS / SPANS_ARGS / SCALE_ARGS / TRAIN_ARGS / TRAINED_ARGS: extra
+# arguments for bench_guards.py / bench_spans.py / bench_scale.py / fp_compile.demo.train /
+# bench_trained.py (which scores the model just trained when "train" ran, else the shipped one).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -61,6 +63,22 @@ if has accuracy; then
     > "$OUT/accuracy.log" 2>&1
   summary+=("accuracy: exit $?")
   tail -30 "$OUT/accuracy.log"
+fi
+if has train; then
+  # shellcheck disable=SC2086
+  timeout "${TRAIN_TIMEOUT:-420}" python3 -m fp_compile.demo.train --device cuda \
+    --out "$OUT/train" ${TRAIN_ARGS:-} > "$OUT/train.log" 2>&1
+  summary+=("train: exit $?")
+  tail -14 "$OUT/train.log"
+fi
+if has trained; then
+  weights=()
+  [[ -f "$OUT/train/longctx.safetensors" ]] && weights=(--weights "$OUT/train/longctx.safetensors")
+  # shellcheck disable=SC2086
+  timeout "${TRAINED_TIMEOUT:-330}" python3 benchmarks/bench_trained.py --device cuda \
+    "${weights[@]}" --json "$OUT/bench_trained.json" ${TRAINED_ARGS:-} > "$OUT/trained.log" 2>&1
+  summary+=("trained: exit $?")
+  grep -A 14 "^Mean accuracy" "$OUT/trained.log"
 fi
 if has demo; then
   # DEMO_MODELS: which models the demo builds (auto = Hugging Face when transformers is there).

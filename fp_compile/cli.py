@@ -95,8 +95,11 @@ def _add_demo(sub) -> None:
     p.add_argument("--vocab", type=_int_at_least(2), help=size("vocabulary size", "vocab"))
     p.add_argument("--dtype", choices=sorted(DTYPES), help=size("model dtype", "dtype"))
     p.add_argument("--reps", type=_int_at_least(1), help=size("timed runs per model", "reps"))
-    p.add_argument("--model", choices=["auto", "hf", "builtin"], default="auto",
-                   help="auto: Hugging Face Llama when transformers is installed")
+    p.add_argument("--model", choices=["auto", "hf", "builtin", "trained"], default="auto",
+                   help="auto: Hugging Face Llama when transformers is installed; trained: the "
+                        "shipped long-context model answering one prompt of each synthetic task "
+                        "with and without the pass (its own sizes: the size options are ignored; "
+                        "--seq-len default 4096 on cpu, 32768 on cuda)")
     p.add_argument("--alpha", type=float, default=FlashPrefillConfig.alpha,
                    help="keep a key block when its score is >= alpha x the row's best")
     p.add_argument("--block-size", type=int, default=FlashPrefillConfig.block_size,
@@ -114,6 +117,8 @@ def _add_demo(sub) -> None:
 
 
 def _demo(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.model == "trained":
+        return _demo_trained(p, args)
     for key, value in DEMO_DEFAULTS[args.device].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -131,6 +136,21 @@ def _demo(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from .demo.run import run_demo
 
     run_demo(args, config)
+
+
+def _demo_trained(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from .demo.trained import DEMO_SEQ_LEN, run_demo
+
+    args.seq_len = args.seq_len or DEMO_SEQ_LEN[args.device]
+    config = _config(p, {"min_seq_len": "--seq-len"}, alpha=args.alpha,
+                     block_size=args.block_size, dense_layers=tuple(args.dense_layers),
+                     min_seq_len=min(FlashPrefillConfig.min_seq_len, args.seq_len))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    try:
+        run_demo(args, config)
+    except FileNotFoundError as e:
+        p.exit(1, f"{p.prog}: {e}\n")
 
 
 def _add_explain(sub) -> None:

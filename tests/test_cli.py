@@ -78,3 +78,12 @@ def test_explain_prefill_and_decode(capsys, fresh_dynamo):
     decode = capsys.readouterr().out
     assert "rewritten 1, left dense 1" in prefill     # layer 1 kept dense by --dense-layers
     assert "rewritten 0, left dense 2" in decode      # q_len 1 against a masked KV cache
+
+
+def test_demo_trained_without_weights_names_the_file(monkeypatch, tmp_path, capsys):
+    import fp_compile.demo.trained as tr
+
+    monkeypatch.setattr(tr, "WEIGHTS", tmp_path / "longctx.safetensors")
+    assert exit_code(["demo", "--model", "trained", "--seq-len", "64"]) == 1
+    err = capsys.readouterr().err
+    assert str(tmp_path / "longctx.safetensors") in err and "Traceback" not in err

@@ -32,3 +32,17 @@ def test_demo_hf_model_with_dense_layer(capsys):
     assert "Hugging Face LlamaForCausalLM" in out
     assert "rewritten: 1 SDPA call(s); left dense: 1" in out
     assert "layer 1:" in out and "layer 0:" not in out
+
+
+def test_demo_trained_model_answers_with_and_without_the_pass(capsys):
+    from fp_compile.demo import tasks as ft
+    from fp_compile.demo.trained import load_trained_model
+
+    layers = load_trained_model()[0].args.n_layers
+    main(["demo", "--model", "trained", "--seq-len", "1024", "--block-size", "64",
+          "--no-progress"])
+    out = capsys.readouterr().out
+    assert f"rewritten: {layers} SDPA call(s) (prefill); left dense: {layers}" in out
+    for task in ft.TASKS:
+        assert f"\n{task} (" in out
+    assert out.count("  dense  ") == out.count("  flashprefill  ") == len(ft.TASKS)
