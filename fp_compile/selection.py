@@ -1,7 +1,8 @@
 """The selection front of the dispatch layer: which implementation serves a call, and the
-kept key blocks of a whole call (``select``), compact, with the mass guard and the
-line detectors' blocks (vertical/slash detector, slash probe). ``dispatch`` re-exports every name here; the chunked
-selection of long prompts, the dense decision and the attention stay in ``dispatch``.
+kept key blocks of a whole call (``select``), compact, with the mass guard and the line
+detectors' blocks (the vertical/slash detector, the slash probe). ``dispatch`` re-exports every
+name here; the chunked selection of long prompts, the dense decision and the attention stay in
+``dispatch``.
 """
 
 from __future__ import annotations
