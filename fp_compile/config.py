@@ -25,6 +25,10 @@ _BEYOND_PAPER_OFF: dict[str, Any] = {
     "slash_probe": 0.0,
 }
 
+# Options a call with a span (padded batch, cached prefix, cache buffer) does not support: the
+# op refuses them there (``spans``) and the pass leaves such calls dense, naming the option.
+SPAN_UNSUPPORTED = ("mean_correction", "vertical_slash", "fp8_attention", "slash_probe")
+
 
 @dataclass(frozen=True)
 class FlashPrefillConfig:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from .config import FlashPrefillConfig
+from .config import SPAN_UNSUPPORTED, FlashPrefillConfig
 from .kernels import utils as ku
 from .kernels.utils import Span
 
@@ -86,7 +86,7 @@ def span_of(q: torch.Tensor, k: torch.Tensor, key_mask: Optional[torch.Tensor] =
 
 
 def _check_config(config: FlashPrefillConfig) -> None:
-    for name in ("mean_correction", "vertical_slash", "fp8_attention", "slash_probe"):
+    for name in SPAN_UNSUPPORTED:
         if getattr(config, name):
             raise ValueError(f"flash_prefill: {name}={getattr(config, name)!r} is not "
                              f"supported for padded, offset or cache-buffer calls (a key_mask, "

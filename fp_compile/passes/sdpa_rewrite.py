@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 import torch.fx
 
-from ..config import FlashPrefillConfig
+from ..config import SPAN_UNSUPPORTED, FlashPrefillConfig
 from ..ops import op_config_args
 from .causal_mask import causal_mask_reason, mask_chain
 from .eligibility import sdpa_skip_reason
@@ -133,7 +133,7 @@ def _plan(node: torch.fx.Node, layer: int, config: FlashPrefillConfig,
     if layer_config is None:
         return Skip("dense layer")
     if key_mask is not None or form not in ("plain", "causal"):
-        for name in ("mean_correction", "vertical_slash", "slash_probe"):
+        for name in SPAN_UNSUPPORTED:
             if getattr(layer_config, name):
                 return Skip(f"{form} call: {name} is not supported with a span")
     return RewritePlan(layer_config, args["query"], k_node, v_node, args["scale"], chains,

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from fp_compile.config import SPAN_UNSUPPORTED
 from fp_compile.passes.causal_mask import is_causal_mask
 from fp_compile.passes.fx_utils import normalize_sdpa_args
 from tests.helpers import assert_close
@@ -129,6 +130,27 @@ def test_attn_mask_reading_a_padding_mask_becomes_a_padded_call():
     assert [r.form for r in report.rewritten] == ["padded"] and not report.skipped, report
     assert len(sdpa_nodes(gm)) == 0
     assert_close(got, padded(q, k, v, keep), 1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("name", SPAN_UNSUPPORTED)
+def test_a_padded_call_stays_dense_with_an_option_spans_refuse(name):
+    # the op would raise on the call (spans._check_config); the pass leaves it and says why
+    def padded(q, k, v, keep):
+        S = q.shape[2]
+        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        mask = causal[None, None] & keep[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    q, k, v = qkv(B=2, S=40)
+    keep = torch.ones(2, 40, dtype=torch.bool)
+    value = 6.0 if name == "slash_probe" else True
+    backend, seen = capture(EXACT.replace(**{name: value}))
+    got = torch.compile(padded, backend=backend, fullgraph=True)(q, k, v, keep)
+    (gm, report), = seen
+    assert not report.rewritten and [s.reason for s in report.skipped] == [
+        f"padded call: {name} is not supported with a span"], report
+    assert len(sdpa_nodes(gm)) == 1
+    assert_close(got, padded(q, k, v, keep), 1e-6, 1e-6)
 
 
 def test_attn_mask_written_in_place_stays_dense():
