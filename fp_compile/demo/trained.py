@@ -95,19 +95,27 @@ def compiled_forward(model: fm.Transformer, config: FlashPrefillConfig, *,
     Inductor); ``False`` runs the rewritten graph as traced (the same op, no Inductor: quicker
     to compile, for CPU checks). Call ``torch._dynamo.reset()`` between configs.
     """
+    backend, reports = pass_backend(config, inductor)
+    return torch.compile(tail_forward(model, tail), backend=backend, dynamic=dynamic), reports
+
+
+def pass_backend(config: FlashPrefillConfig, inductor: bool = True):
+    """``(backend, reports)``: a torch.compile backend running the flashprefill pass under
+    ``config``, and the list its graphs' RewriteReports go to. ``inductor=True``:
+    ``make_backend(config)`` (the rewrite, then Inductor); ``False``: the rewritten graph runs
+    as traced (no Inductor)."""
     from ..backend import make_backend
     from ..passes.sdpa_rewrite import rewrite_sdpa
 
     if inductor:
         backend = make_backend(config)
-        reports = backend.reports
-    else:
-        reports = []
+        return backend, backend.reports
+    reports = []
 
-        def backend(gm, example_inputs):
-            reports.append(rewrite_sdpa(gm, config))
-            return gm.forward
-    return torch.compile(tail_forward(model, tail), backend=backend, dynamic=dynamic), reports
+    def backend(gm, example_inputs):
+        reports.append(rewrite_sdpa(gm, config))
+        return gm.forward
+    return backend, reports
 
 
 def effective_density(rows) -> float:
@@ -183,7 +191,6 @@ def run_demo(args, config: FlashPrefillConfig) -> dict:
     """One prompt of every task, answered by the dense model and by the model compiled with the
     pass (``make_backend(config)``; on CPU the rewritten graph runs as traced, without Inductor),
     printed side by side. ``args``: device, seq_len, seed."""
-    from ..backend import make_backend
     from ..stats import reset_stats, stats
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
@@ -196,18 +203,8 @@ def run_demo(args, config: FlashPrefillConfig) -> dict:
     print(f"config: alpha={config.alpha} block_size={config.block_size} "
           f"min_seq_len={config.min_seq_len}; prompts of {S} tokens")
     torch._dynamo.reset()
-    cfg = config.replace(collect_stats=True)
-    if args.device == "cuda":
-        backend = make_backend(cfg)
-        reports = backend.reports
-    else:
-        from ..passes.sdpa_rewrite import rewrite_sdpa
-
-        reports = []
-
-        def backend(gm, example_inputs):
-            reports.append(rewrite_sdpa(gm, cfg))
-            return gm.forward
+    backend, reports = pass_backend(config.replace(collect_stats=True),
+                                    inductor=args.device == "cuda")
     fast = torch.compile(model, backend=backend, dynamic=False)   # one prefill, one decode graph
     model.setup_caches(1, S + DEMO_NEW_TOKENS)
     results = {}
