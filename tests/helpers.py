@@ -15,6 +15,19 @@ def poison_next_cuda_alloc(shape, dtype) -> None:
     del poison
 
 
+def spy_calls(monkeypatch, module, name: str, record=lambda args, kwargs: args[0].shape) -> list:
+    """Replace ``module.name`` by a wrapper that calls it and appends ``record(args, kwargs)``
+    (by default the first argument's shape) to the returned list, one entry per call."""
+    calls, real = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(record(args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float,
                  what: str = "output") -> None:
     """allclose with a report of where and by how much the values differ."""

@@ -14,7 +14,7 @@ from fp_compile import FlashPrefillConfig, dispatch, flash_prefill
 from fp_compile.kernels import utils as ku
 from fp_compile.accuracy import rel_l2
 from fp_compile.demo.synthetic import planted_qkv
-from tests.helpers import assert_close, gpu
+from tests.helpers import assert_close, gpu, spy_calls
 
 SMALL = dict(block_size=32, min_seq_len=0, kernel="reference", collect_stats=True)
 
@@ -134,14 +134,7 @@ def count_searches(monkeypatch):
     """Record the ``rows`` argument of every Triton pattern search."""
     from fp_compile.kernels import pattern_search as ps
 
-    calls, real = [], ps.pattern_search
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("rows"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ps, "pattern_search", spy)
-    return calls
+    return spy_calls(monkeypatch, ps, "pattern_search", lambda args, kwargs: kwargs.get("rows"))
 
 
 def test_a_dense_call_decides_on_the_probe_and_runs_no_block_sparse_attention(monkeypatch):
@@ -262,14 +255,7 @@ def count_detector_calls(monkeypatch):
     """Count the calls of the vertical/slash detector (``vertical_slash_flags``)."""
     from fp_compile.kernels import vertical_slash as vsm
 
-    calls, real = [], vsm.vertical_slash_flags
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(vsm, "vertical_slash_flags", spy)
-    return calls
+    return spy_calls(monkeypatch, vsm, "vertical_slash_flags")
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import fp_compile
 from fp_compile import FlashPrefillConfig, dispatch
+from fp_compile.accuracy import rel_l2
 from fp_compile.demo.synthetic import planted_qkv
 from fp_compile.kernels.block_sparse_attention_fp8 import FP8_TILES
 from fp_compile.ops import OP_CONFIG_FIELDS
@@ -17,10 +18,6 @@ from tests.helpers import gpu
 
 # dense_above=1: every kv group block-sparse, so the FP8 kernel runs
 SMALL = dict(block_size=32, min_seq_len=0, alpha=0.2, dense_above=1.0)
-
-
-def rel_l2(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def test_off_by_default_and_in_the_paper_rule():

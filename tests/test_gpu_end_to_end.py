@@ -8,14 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fp_compile import FlashPrefillConfig, flash_prefill
+from fp_compile.accuracy import rel_l2
 from fp_compile.backend import make_backend
 from fp_compile.demo.synthetic import planted_qkv
 from tests.helpers import gpu, poison_next_cuda_alloc
-
-
-def rel_l2(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 class Attention(nn.Module):

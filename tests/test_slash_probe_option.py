@@ -9,18 +9,16 @@ import torch.nn.functional as F
 
 import fp_compile
 from fp_compile import FlashPrefillConfig, dispatch
+from fp_compile.accuracy import rel_l2
 from fp_compile.demo.synthetic import planted_qkv
 from fp_compile.kernels import slash_probe as sp
 from fp_compile.kernels import utils as ku
 from fp_compile.kernels.search_reference import select_mask_reference
 from fp_compile.kernels.vertical_slash import add_vertical_slash
 from fp_compile.ops import OP_CONFIG_FIELDS, op_config_args
+from tests.helpers import spy_calls
 
 TRITON = dict(block_size=32, min_seq_len=0, kernel="triton")
-
-
-def rel_l2(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def test_off_by_default_and_in_the_paper_rule():
@@ -77,17 +75,6 @@ def test_select_equals_the_reference(shared, floor, vs):
     assert torch.equal(keep, want) and (keep >= plain).all()
 
 
-def count_probe_calls(monkeypatch):
-    calls, real = [], sp.slash_probe_flags
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sp, "slash_probe_flags", spy)
-    return calls
-
-
 @pytest.mark.parametrize("case", ["whole", "probe", "chunks"])
 def test_op_with_probe_and_chunks_equals_the_reference(monkeypatch, case):
     # the flags, computed once per call, go into the dense decision's probe and every chunk
@@ -97,7 +84,7 @@ def test_op_with_probe_and_chunks_equals_the_reference(monkeypatch, case):
     monkeypatch.setattr(dispatch, "INDEX_BYTES", index_bytes)
     q, k, v = planted_qkv(1, 4, 2, 1024, 32, seed=2, strength=2.0)
     config = FlashPrefillConfig(**TRITON, dense_above=0.9, slash_probe=4.0)
-    calls = count_probe_calls(monkeypatch)
+    calls = spy_calls(monkeypatch, sp, "slash_probe_flags")
     out = fp_compile.flash_prefill(q, k, v, enable_gqa=True, config=config)
     assert len(calls) == 1
     reference = config.replace(kernel="reference")

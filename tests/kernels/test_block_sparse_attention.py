@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fp_compile import FlashPrefillConfig, dispatch
+from fp_compile.accuracy import rel_l2
 from fp_compile.kernels import utils as ku
 from fp_compile.kernels.block_means import key_block_stats
 from fp_compile.kernels.block_sparse_attention import (_gpu_tiles, block_sparse_attention,
@@ -220,11 +221,6 @@ def test_gpu_configs_fit_the_selection_block(block_size, head_dim_p2, elt_bytes)
 
 
 # ----------------------------------------------------------------------------------- GPU
-
-
-def rel_l2(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def structured_selection(B, H, S, block_size, density, seed=0):

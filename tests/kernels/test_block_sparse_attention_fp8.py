@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from fp_compile.accuracy import rel_l2
 from fp_compile.kernels.block_sparse_attention import block_sparse_attention_reference
 from fp_compile.kernels.block_sparse_attention_fp8 import (FP8_TILES, block_sparse_attention_fp8,
                                                            block_sparse_attention_fp8_reference)
@@ -20,10 +21,6 @@ from tests.kernels.test_block_sparse_attention import make_qkv, random_selection
 # final one, and fp32 summation order (measured rel L2 <= 0.005, max abs 0.026): bounds below.
 REF_VS_EXACT = 0.06
 KERNEL_REL_L2, KERNEL_ATOL, KERNEL_RTOL = 0.01, 0.06, 0.06
-
-
-def rel_l2(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def quantised(q, k, v, bs, triton=True):
