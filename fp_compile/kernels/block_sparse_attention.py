@@ -352,10 +352,11 @@ def _make_autotuned(key: tuple[int, int, int]):
     return triton.autotune(configs=configs, key=["D", "BLOCK_SIZE"])(_bsa_fwd_kernel)
 
 
-# One autotuner per candidate list, built at import: building one while torch.compile traces
-# the launch would make dynamo trace triton's Autotuner constructor, which it cannot.
+# One autotuner per candidate list (none where _fixed_tile serves), built at import: building
+# one while torch.compile traces the launch would make dynamo trace its constructor.
 _AUTOTUNED = {(bs, dp, eb): _make_autotuned((bs, dp, eb))
-              for bs in (16, 32, 64, 128) for dp in (128, 256) for eb in (2, 4)}
+              for bs in (16, 32, 64, 128) for dp in (128, 256) for eb in (2, 4)
+              if (dp, eb) != (128, 2)}
 
 
 def _autotuned_kernel(block_size: int, head_dim_p2: int, elt_bytes: int):
