@@ -35,6 +35,7 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from . import dense_history as history
 from . import fp8
 from .config import FlashPrefillConfig
 from .kernels import utils as ku
@@ -327,7 +328,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
         kmean = block_means(k, config.block_size, out_dtype=q.dtype)
     # The vertical/slash flags, once per call: the probe and every chunk read them.
     vs = vs_flags(q, k, scale, config)
-    flags = skip = sel = first = None
+    flags = skip = sel = first = ahead_dense = None
     if config.dense_above < 1 and not _capturing(q):
         M, step = _chunk(q, config)
         if probe_rows(M)[1] == 1 and step >= M:
@@ -337,32 +338,42 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
                          vs_blocks=vs)
             flags = dense_groups_of(sel.num, k.shape[1], config.dense_above).cpu()
         else:
-            flags, first = probe(q, k, scale, config, kmean, ahead=lambda: first_selection(
-                q, k, scale, config, kmean, config.collect_stats, vs), vs_blocks=vs)
+            key = history.key(q, k, layer)
+            if history.expect_dense(key, q, config):
+                flags, ahead_dense = probe(q, k, scale, config, kmean, vs_blocks=vs,
+                                           ahead=lambda: dense(q, k, v, scale))
+            else:
+                flags, first = probe(q, k, scale, config, kmean, ahead=lambda: first_selection(
+                    q, k, scale, config, kmean, config.collect_stats, vs), vs_blocks=vs)
+            history.remember(key, bool(flags.all()))
     all_dense = flags is not None and bool(flags.all())
     if all_dense and not config.collect_stats:
-        return dense(q, k, v, scale)       # nothing queued between the host's wait and cuDNN
+        # cuDNN already queued behind the probe, or launched now
+        return ahead_dense if ahead_dense is not None else dense(q, k, v, scale)
     if flags is not None and bool(flags.any()):
         skip = flags.to(q.device).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     out, sel = sparse_chunks(q, k, v, scale, config, kmean, vmean, skip, attend=not all_dense,
                              with_mass=config.collect_stats, sel=sel, first=first,
                              vs_blocks=vs)
     if flags is not None:
-        out = _dense_runs(q, k, v, scale, flags, out)
+        out = _dense_runs(q, k, v, scale, flags, out, ahead_dense)
     if config.collect_stats:
         _record(layer, q, k, config, sel, flags)
     return out
 
 
-def _dense_runs(q, k, v, scale, flags: torch.Tensor, out: Optional[torch.Tensor]):
-    """out with the flagged kv groups' heads replaced by dense attention (flags on the host)."""
+def _dense_runs(q, k, v, scale, flags: torch.Tensor, out: Optional[torch.Tensor],
+                dense_out: Optional[torch.Tensor] = None):
+    """out with the flagged kv groups' heads replaced by dense attention (flags on the host);
+    dense_out: the whole call's dense output when it was computed already (a wrong guess of
+    ``dense_history.expect_dense``), read instead of new dense calls."""
     if bool(flags.all()):
-        return dense(q, k, v, scale)
+        return dense_out if dense_out is not None else dense(q, k, v, scale)
     G = q.shape[1] // k.shape[1]
     for b, g0, g1 in _runs(flags):
         h0, h1 = g0 * G, g1 * G
-        out[b:b + 1, h0:h1] = dense(q[b:b + 1, h0:h1], k[b:b + 1, g0:g1], v[b:b + 1, g0:g1],
-                                    scale)
+        out[b:b + 1, h0:h1] = (dense_out[b:b + 1, h0:h1] if dense_out is not None else dense(
+            q[b:b + 1, h0:h1], k[b:b + 1, g0:g1], v[b:b + 1, g0:g1], scale))
     return out
 
 

@@ -53,3 +53,14 @@ def fresh_dynamo():
     torch._dynamo.reset()
     counters.clear()
     reset_reports()
+
+
+@pytest.fixture(autouse=True)
+def fresh_dense_history():
+    """Every test starts with no record of earlier dense decisions (``dense_history``), so the
+    dispatch's speculative dense launch depends only on the test's own calls."""
+    from fp_compile import dense_history
+
+    dense_history.clear()
+    yield
+    dense_history.clear()

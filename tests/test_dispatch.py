@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fp_compile
-from fp_compile import FlashPrefillConfig, dispatch, flash_prefill
+from fp_compile import FlashPrefillConfig, dense_history, dispatch, flash_prefill
 from fp_compile.kernels import utils as ku
 from fp_compile.accuracy import rel_l2
 from fp_compile.demo.synthetic import planted_qkv
@@ -149,6 +149,67 @@ def test_a_dense_call_decides_on_the_probe_and_runs_no_block_sparse_attention(mo
     assert calls == [(7, 8, 8), None], calls
     want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert torch.equal(out, want)
+
+
+def test_repeated_dense_calls_queue_cudnn_behind_the_probe(monkeypatch):
+    # after DENSE_STREAK all-dense decisions for a key, the call queues the dense attention
+    # behind the probe instead of the first selection; the output is the same
+    monkeypatch.setattr(dispatch, "PROBE_ROWS", 8)      # 64 blocks: 8 probe rows
+    q, k, v = random_qkv(S=2048)
+    calls = count_searches(monkeypatch)
+    dense_calls = spy_calls(monkeypatch, dispatch, "dense", lambda args, kwargs: args[0].shape[1])
+    config = FlashPrefillConfig(**TRITON)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    for _ in range(dense_history.DENSE_STREAK):
+        assert torch.equal(flash_prefill(q, k, v, enable_gqa=True, config=config), want)
+    assert calls == [(7, 8, 8), None] * dense_history.DENSE_STREAK
+    calls.clear()
+    assert torch.equal(flash_prefill(q, k, v, enable_gqa=True, config=config), want)
+    assert calls == [(7, 8, 8)], calls                  # the probe alone: no selection
+    assert dense_calls == [4] * (dense_history.DENSE_STREAK + 1)
+    # another layer, length bucket or head count has its own history
+    calls.clear()
+    flash_prefill(q[..., :1024, :], k[..., :1024, :], v[..., :1024, :], enable_gqa=True,
+                  config=config)
+    assert calls == [(3, 4, 8), None], calls
+
+
+def test_a_wrong_dense_guess_gives_the_output_without_the_guess(monkeypatch):
+    # two all-dense calls, then a mixed call of the same key: the dense output computed on the
+    # guess serves the dense group, the other group runs block-sparse, as without the guess
+    monkeypatch.setattr(dispatch, "PROBE_ROWS", 8)
+    qs, ks, vs = planted_qkv(1, 2, 1, 1024, 32, seed=2, strength=2.0)
+    qr, kr, vr = random_qkv(H=2, Hkv=1, S=1024, seed=3)
+    q, k, v = torch.cat([qr, qs], 1), torch.cat([kr, ks], 1), torch.cat([vr, vs], 1)
+    dense_q, dense_k, dense_v = random_qkv(H=4, Hkv=2, S=1024, seed=4)
+    config = FlashPrefillConfig(**TRITON, dense_above=0.9)
+    for _ in range(dense_history.DENSE_STREAK):
+        flash_prefill(dense_q, dense_k, dense_v, enable_gqa=True, config=config)
+    dense_calls = spy_calls(monkeypatch, dispatch, "dense", lambda args, kwargs: args[0].shape[1])
+    calls = count_searches(monkeypatch)
+    out = flash_prefill(q, k, v, enable_gqa=True, config=config)
+    assert calls == [(3, 4, 8), None], calls            # the probe, then the whole selection
+    assert dense_calls == [4]                           # the guess's, read for group 0
+    dense_history.clear()
+    again = flash_prefill(q, k, v, enable_gqa=True, config=config)
+    assert dense_calls == [4, 2]                        # without the guess: group 0 alone
+    assert_close(out, again, 1e-6, 1e-6)
+    want = dispatch.reference(q, k, v, None, config.replace(kernel="reference"))
+    assert_close(out, want, 2e-5, 2e-5)
+    # the mixed decision ended the streak: the next call guesses nothing
+    calls.clear()
+    flash_prefill(q, k, v, enable_gqa=True, config=config)
+    assert calls == [(3, 4, 8), None], calls
+
+
+def test_no_dense_guess_at_or_above_speculate_below(monkeypatch):
+    monkeypatch.setattr(dispatch, "PROBE_ROWS", 8)
+    monkeypatch.setattr(dense_history, "SPECULATE_BELOW", 2048)
+    q, k, v = random_qkv(S=2048)
+    calls = count_searches(monkeypatch)
+    for _ in range(dense_history.DENSE_STREAK + 1):
+        flash_prefill(q, k, v, enable_gqa=True, config=FlashPrefillConfig(**TRITON))
+    assert calls == [(7, 8, 8), None] * (dense_history.DENSE_STREAK + 1)
 
 
 # (PROBE_ROWS, INDEX_BYTES, the searches expected): 32 blocks, 4 heads
