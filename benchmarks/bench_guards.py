@@ -6,6 +6,9 @@ each length. Per cell: cuDNN time, and for ``paper_rule()`` and the default conf
 time, density, kv groups run dense and relative L2 error of the output vs cuDNN's (same run,
 poisoned output memory). Times are GPU time of calls queued behind a sleep kernel (CUDA events,
 median); the op's host decision (one small device-to-host copy) is inside the timed calls.
+Each config's "x cuDNN" divides cuDNN's median by the op's, both from one queue that alternates
+op and cuDNN calls (``paired_time``; since run 41); "cuDNN ms" is cuDNN timed alone before and
+after the configs (the mean of the two medians).
 
 ``--slash-probe 6,8`` adds a row "slash<kappa>" per kappa (the default config with
 ``slash_probe=kappa``) and, per cell, the probe's own time (``slash_probe_flags``, with each
@@ -23,6 +26,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 
 import torch
@@ -31,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import fp_compile  # noqa: E402
 from fp_compile import FlashPrefillConfig, flash_prefill  # noqa: E402
-from fp_compile.demo.bench import cuda_time, poison_allocator, rel_err  # noqa: E402
+from fp_compile.demo.bench import SLEEP_CYCLES, cuda_time, poison_allocator, rel_err  # noqa: E402
 from fp_compile.demo.synthetic import planted_qkv_with_info  # noqa: E402
 from fp_compile.kernels import slash_probe as sp  # noqa: E402
 
@@ -59,6 +63,28 @@ def cudnn(q, k, v):
         q, k, v, None, False, 0.0, True, False, scale=q.shape[-1] ** -0.5)[0]
 
 
+def paired_time(fn, baseline, reps: int, warmup: int = 2) -> tuple[float, float]:
+    """GPU-time medians (ms) of fn and baseline, timed alternately (fn, baseline, fn, ...) in
+    one queue behind a sleep kernel, so that a clock drift between cells or configs (cuDNN
+    at 32K: 12.6-14.8 ms in run 13, 13.75-14.87 ms in run 41) moves both alike."""
+    for _ in range(warmup):
+        fn()
+        baseline()
+    torch.cuda.synchronize()
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(4)] for _ in range(reps)]
+    torch.cuda._sleep(SLEEP_CYCLES)
+    for e in events:
+        e[0].record()
+        fn()
+        e[1].record()
+        e[2].record()
+        baseline()
+        e[3].record()
+    torch.cuda.synchronize()
+    return (statistics.median(e[0].elapsed_time(e[1]) for e in events),
+            statistics.median(e[2].elapsed_time(e[3]) for e in events))
+
+
 def measure(q, k, v, cfg: FlashPrefillConfig, dense_out, reps: int) -> dict:
     fp_compile.reset_stats()
     poison_allocator(q)
@@ -68,8 +94,9 @@ def measure(q, k, v, cfg: FlashPrefillConfig, dense_out, reps: int) -> dict:
            "density": row.density, "dense_heads": row.n_dense_heads,
            "min_mass": row.min_mass}
     del out
-    res["ms"], res["spread"] = cuda_time(
-        lambda: flash_prefill(q, k, v, enable_gqa=True, config=cfg), reps)
+    res["ms"], res["cudnn_paired_ms"] = paired_time(
+        lambda: flash_prefill(q, k, v, enable_gqa=True, config=cfg), lambda: cudnn(q, k, v),
+        reps)
     return res
 
 
@@ -167,7 +194,8 @@ def main(argv=None) -> None:
             row["cudnn_ms"], row["cudnn_before_ms"], row["cudnn_after_ms"] = (
                 (before + after) / 2, before, after)
             for name in configs:
-                row[f"{name}_x"] = row["cudnn_ms"] / row[f"{name}_ms"]
+                # against cuDNN timed alternately with this config (paired_time)
+                row[f"{name}_x"] = row[f"{name}_cudnn_paired_ms"] / row[f"{name}_ms"]
             if kappas:
                 row.update(probe_cell(q, k, info, default, kappas, reps))
             rows.append(row)
