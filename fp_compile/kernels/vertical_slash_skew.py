@@ -10,17 +10,18 @@ The "skew" variant (``skew_scores``) has three launches and no torch op between 
 2. the scores, the same (B * H, splits) programs: each combines the LSE partials itself, keeps
    its q rows in registers and loops over its run of key tiles. Per tile: the softmax p, its
    column sums (stored), and the tile's diagonal sums of the excess x = p - column. The
-   diagonals become columns through a per-program global scratch (BLOCK, 2 * BLOCK): x[r, n] is
-   written to column c = n - r + BLOCK - 1 of row r (each row's writes contiguous), read back
-   masked to the written entries and summed over rows (first R // 2 rows and the others apart).
+   diagonals become columns through a per-program global scratch: x (BLOCK, BLOCK) is written
+   row-major (coalesced) and read back with a row pitch of BLOCK + 1, which puts x[r, n] at
+   column c = n - r + BLOCK - 1 of a (BLOCK, 2 * BLOCK) view, masked to the entries written, and
+   summed over rows (first R // 2 rows and the others apart).
    The two (2 * BLOCK,) sums of a tile are stored to its own slot: no atomics, no zeroing;
 3. the finalisation, (B * H, M) programs: offset o collects its (at most two) tiles' sums, the
    diagonal score is the smaller half's mean, and with a threshold the block flags of
    ``flags_from_scores`` come out of the same program (the flags of block m need the heavy
    offsets of blocks m and m - 1, both computed here).
 
-The scratch holds B * H * splits slots of BLOCK * 2 * BLOCK fp32 (128 KiB at BLOCK 128), with a
-few programs per SM (``programs_per_sm``); each slot belongs to one program for its whole run.
+The scratch holds B * H * splits slots of two BLOCK x BLOCK fp32 halves (128 KiB at BLOCK 128),
+with a few programs per SM (``programs_per_sm``); a slot belongs to one program for its run.
 """
 
 from __future__ import annotations
@@ -69,15 +70,30 @@ def launch_options(shape: ProbeShape, num_warps: int | None) -> dict:
 
 
 @triton.jit
-def probe_logits(q, k_ptr, s0, offs_n, offs_d, rows, row_ok, S, sks, skd, qk_scale,
-                 D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """log2-unit logits of the probe rows against keys s0 + offs_n; -inf where not visible."""
+def probe_keys(k_ptr, s0, offs_n, offs_d, end, sks, skd, D: tl.constexpr):
+    """The key tile s0 + offs_n (BLOCK, DP), zero from key ``end`` (S or less) on and past the
+    head dim."""
     cols = s0 + offs_n
-    k = tl.load(k_ptr + cols[:, None].to(tl.int64) * sks + offs_d[None, :] * skd,
-                mask=(cols < S)[:, None] & (offs_d < D)[None, :], other=0.0)
+    return tl.load(k_ptr + cols[:, None].to(tl.int64) * sks + offs_d[None, :] * skd,
+                   mask=(cols < end)[:, None] & (offs_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def tile_logits(q, k, s0, offs_n, rows, row_ok, S, qk_scale, DOT_PRECISION: tl.constexpr):
+    """log2-unit logits of the probe rows against the key tile k (keys s0 + offs_n); -inf
+    where not visible."""
+    cols = s0 + offs_n
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     visible = row_ok[:, None] & (cols[None, :] <= rows[:, None]) & (cols < S)[None, :]
     return tl.where(visible, s, float("-inf")), visible
+
+
+@triton.jit
+def probe_logits(q, k_ptr, s0, offs_n, offs_d, rows, row_ok, S, sks, skd, qk_scale,
+                 D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """log2-unit logits of the probe rows against keys s0 + offs_n; -inf where not visible."""
+    k = probe_keys(k_ptr, s0, offs_n, offs_d, S, sks, skd, D)
+    return tile_logits(q, k, s0, offs_n, rows, row_ok, S, qk_scale, DOT_PRECISION)
 
 
 @triton.jit
@@ -156,7 +172,7 @@ def _skew_scores_kernel(q_ptr, k_ptr, m_ptr, l_ptr, col_ptr, first_ptr, second_p
     """Grid (B * H, splits), as the LSE pass. column (B * H, S): mean over the probe rows of p;
     first / second (B * H, tiles, 2 * BLOCK): per tile, at c = n - r + BLOCK - 1 (offset
     o = S - R - s0 + BLOCK - 1 - c), the excess x[r, n] summed over the first R // 2 rows and
-    over the others; scr (B * H * splits, BLOCK, 2 * BLOCK) fp32, this program's slot."""
+    over the others; scr (B * H * splits, 2, BLOCK, BLOCK) fp32, a slot per program."""
     qk_scale = tl.cast(qk_scale, tl.float32)
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -176,22 +192,30 @@ def _skew_scores_kernel(q_ptr, k_ptr, m_ptr, l_ptr, col_ptr, first_ptr, second_p
     out = bh.to(tl.int64) * S
     offs_c = tl.arange(0, 2 * BLOCK)
     scr = scr_ptr + (bh * n_split + split).to(tl.int64) * (2 * BLOCK * BLOCK)
-    skewed = offs_r[:, None] * (2 * BLOCK) + offs_n[None, :] - offs_r[:, None] + (BLOCK - 1)
-    for t in range(split * TILES, tl.minimum(split * TILES + TILES, tiles)):
+    t_end = tl.minimum(split * TILES + TILES, tiles)
+    # The next key tile is loaded one iteration ahead by hand: the barriers below keep
+    # Triton's pipeliner off this loop.
+    k_next = probe_keys(k_ptr, split * TILES * BLOCK, offs_n, offs_d, S, sks, skd, D)
+    for t in range(split * TILES, t_end):
         s0 = t * BLOCK
-        s, visible = probe_logits(q, k_ptr, s0, offs_n, offs_d, rows, row_ok, S, sks, skd,
-                                  qk_scale, D, DOT_PRECISION)
+        k = k_next
+        k_next = probe_keys(k_ptr, s0 + BLOCK, offs_n, offs_d, tl.minimum(S, t_end * BLOCK),
+                            sks, skd, D)
+        s, visible = tile_logits(q, k, s0, offs_n, rows, row_ok, S, qk_scale, DOT_PRECISION)
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
         column = tl.sum(p, 0) / R
         tl.store(col_ptr + out + s0 + offs_n, column, mask=s0 + offs_n < S)
         if DIAGONALS:
+            # x row-major into one of the slot's two (BLOCK, BLOCK) halves (by tile parity),
+            # read back with a row pitch of BLOCK + 1: entry (r, c) is x[r, c + r - BLOCK + 1],
+            # the diagonals as columns. On the GPU, bar.sync orders the CTA's global writes
+            # before its reads (the interpreter runs a program in order; the barrier is a
+            # no-op there); the two halves spare a second barrier before the writes, since a
+            # half is rewritten only after the next tile's barrier, which every thread reaches
+            # after its reads of that half.
+            half = scr + (t % 2) * (BLOCK * BLOCK)
             x = tl.where(visible, p - column[None, :], 0.0)
-            # On the GPU, bar.sync orders this CTA's global writes and reads of its slot: the
-            # barrier before the writes lets the previous tile's reads finish, the one after
-            # makes the writes visible to the reading threads. (A no-op in the interpreter,
-            # which runs a program's operations in order.)
-            tl.debug_barrier()
-            tl.store(scr + skewed, x, mask=row_ok[:, None])
+            tl.store(half + offs_r[:, None] * BLOCK + offs_n[None, :], x, mask=row_ok[:, None])
             tl.debug_barrier()
             first = tl.zeros([2 * BLOCK], tl.float32)
             second = tl.zeros([2 * BLOCK], tl.float32)
@@ -199,8 +223,7 @@ def _skew_scores_kernel(q_ptr, k_ptr, m_ptr, l_ptr, col_ptr, first_ptr, second_p
                 rr = chunk * ROWS + tl.arange(0, ROWS)
                 n = offs_c[None, :] + rr[:, None] - (BLOCK - 1)   # the key of (row, c)
                 ok = (n >= 0) & (n < BLOCK) & (rr < R)[:, None]
-                y = tl.load(scr + rr[:, None] * (2 * BLOCK) + offs_c[None, :], mask=ok,
-                            other=0.0)
+                y = tl.load(half + rr[:, None] * BLOCK + n, mask=ok, other=0.0)
                 in_first = (rr < R // 2)[:, None]
                 first += tl.sum(tl.where(in_first, y, 0.0), 0)
                 second += tl.sum(tl.where(in_first, 0.0, y), 0)
@@ -284,7 +307,7 @@ def skew_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
     column = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     first = torch.empty(B * H, shape.tiles, 2 * BLOCK, dtype=torch.float32, device=q.device)
     second = torch.empty_like(first)
-    scratch = torch.empty(B * H * splits if diagonals else 1, BLOCK, 2 * BLOCK,
+    scratch = torch.empty(B * H * splits if diagonals else 1, 2, BLOCK, BLOCK,
                           dtype=torch.float32, device=q.device)
     launcher(_skew_scores_kernel)[(B * H, splits)](
         q, k, m, l, column, first, second, scratch, *shape.strides, S, shape.R, H,
