@@ -1,11 +1,21 @@
-"""The vertical/slash probe on the GPU (issue 14): Triton kernel vs the plain-torch reference.
+"""The vertical/slash probe on the GPU (issue 14): its Triton variants vs the plain-torch reference.
 
-Per length: GPU time (calls queued, median) of ``vertical_slash_scores`` with 8 and 4 warps,
-with and without the diagonal sums, of the flags from the kernel and from the reference; in the
-same run, the kernel's scores against the reference's (max abs difference) and whether the
-flags are equal. B 1, H 32, Hkv 8, D 128, bf16, block 128, ``planted_qkv`` seed 0.
+Per length, one JSON line per row:
 
-    python benchmarks/bench_vs_probe.py --out results/bench_vs_probe.json
+* ``check``: per variant, the kernel's scores against the reference's (max abs difference) and
+  whether its flags equal the reference's, from its scores (``flags_from_scores``) and from its
+  own flag path (``vertical_slash_flags``; "skew" computes them in its last kernel);
+* ``scores``: GPU time (calls queued, median) of ``vertical_slash_scores`` per variant and launch
+  setting (num_warps; programs per SM for "skew"; with and without the diagonal sums);
+* ``flags``: the whole stage, ``vertical_slash_flags``, per variant and for the reference;
+* ``op`` (``--op``): the op (``flash_prefill``, the paper's rule) without the detector and with
+  it, per variant (``DEFAULT_VARIANT`` set for the call), and the stage's share of the op.
+
+B 1, H 32, Hkv 8, D 128, bf16, block 128, ``planted_qkv`` seed 0 (options change them).
+
+    python benchmarks/bench_vs_probe.py --op --out results/bench_vs_probe.json   # H200: ~2 min
+    TRITON_INTERPRET=1 python benchmarks/bench_vs_probe.py --device cpu --seq-lens 512 \\
+        --heads 4 --kv-heads 2 --head-dim 32 --dtype fp32 --reps 1     # CPU smoke run, wall time
 """
 
 from __future__ import annotations
@@ -13,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -23,43 +35,139 @@ from fp_compile.demo.bench import cuda_time  # noqa: E402
 from fp_compile.demo.synthetic import planted_qkv  # noqa: E402
 from fp_compile.kernels import vertical_slash as vs  # noqa: E402
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# (variant, launch options) timed for the scores; the first of each variant is its default
+SCORE_SETTINGS = [
+    ("gather", dict(num_warps=8)),
+    ("gather", dict(num_warps=4)),
+    ("gather", dict(num_warps=8, diagonals=False)),
+    ("skew", dict(num_warps=8, programs_per_sm=2)),
+    ("skew", dict(num_warps=8, programs_per_sm=1)),
+    ("skew", dict(num_warps=8, programs_per_sm=4)),
+    ("skew", dict(num_warps=4, programs_per_sm=2)),
+    ("skew", dict(num_warps=4, programs_per_sm=4)),
+    ("skew", dict(num_warps=8, programs_per_sm=2, diagonals=False)),
+]
+
+
+def wall_time(fn, reps: int, warmup: int = 1) -> tuple[float, float]:
+    """``cuda_time``'s stand-in off the GPU: median and half spread of wall times in ms."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), (max(times) - min(times)) / 2
+
+
+def check_rows(q, k, scale, bs, thr):
+    """One ``check`` row per variant: scores and flags against the reference."""
+    ref_col, ref_diag = vs.vertical_slash_scores_reference(q, k, scale, bs)
+    want = vs.flags_from_scores(ref_col, ref_diag, bs, thr)
+    near = float(min((ref_col - thr).abs().min(), (ref_diag - thr).abs().min()))
+    rows = []
+    for variant in vs.VARIANTS:
+        col, diag = vs.vertical_slash_scores(q, k, scale, bs, variant=variant)
+        got = vs.flags_from_scores(col, diag, bs, thr)
+        own = vs.vertical_slash_flags(q, k, scale, bs, thr, variant=variant)
+        rows.append({
+            "row": "check", "variant": variant,
+            "column_max_diff": (col - ref_col).abs().max().item(),
+            "diagonal_max_diff": (diag - ref_diag).abs().max().item(),
+            "flags_equal": bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])),
+            "own_flags_equal": bool(torch.equal(own[0], want[0])
+                                    and torch.equal(own[1], want[1])),
+            "closest_score_to_threshold": near,
+            "heavy_column_blocks": int(want[0].sum()),
+            "heavy_diagonal_blocks": int(want[1].sum())})
+        del col, diag
+    return rows
+
+
+def op_rows(q, k, v, S, timer, reps):
+    """The op without the detector and with it, per variant; the stage's share of the op."""
+    from fp_compile import FlashPrefillConfig, flash_prefill
+
+    def op(cfg):
+        return lambda: flash_prefill(q, k, v, enable_gqa=True, config=cfg)
+
+    base = FlashPrefillConfig.paper_rule()
+    with_vs = FlashPrefillConfig.paper_rule(vertical_slash=True)
+    base_ms = timer(op(base), reps)[0]
+    rows = [{"row": "op", "variant": "none", "S": S, "op_ms": base_ms}]
+    default = vs.DEFAULT_VARIANT
+    try:
+        for variant in vs.VARIANTS:
+            vs.DEFAULT_VARIANT = variant
+            ms = timer(op(with_vs), reps)[0]
+            rows.append({"row": "op", "variant": variant, "S": S, "op_ms": ms,
+                         "stage_ms": ms - base_ms, "stage_share": (ms - base_ms) / ms})
+    finally:
+        vs.DEFAULT_VARIANT = default
+    return rows
+
+
+def length_rows(args, S, timer, emit) -> None:
+    q, k, v = planted_qkv(1, args.heads, args.kv_heads, S, args.head_dim, seed=0,
+                          dtype=DTYPES[args.dtype], device=args.device)
+    scale, bs, thr = args.head_dim ** -0.5, args.block_size, args.threshold
+    for row in check_rows(q, k, scale, bs, thr):
+        emit({"S": S, **row})
+    if q.is_cuda:
+        torch.cuda.empty_cache()
+    for variant, opts in SCORE_SETTINGS:
+        ms, spread = timer(lambda: vs.vertical_slash_scores(
+            q, k, scale, bs, variant=variant, **opts), args.reps)
+        emit({"row": "scores", "S": S, "variant": variant, **opts, "ms": ms,
+              "spread_ms": spread})
+    for variant in vs.VARIANTS:
+        ms, spread = timer(lambda: vs.vertical_slash_flags(q, k, scale, bs, thr,
+                                                           variant=variant), args.reps)
+        emit({"row": "flags", "S": S, "variant": variant, "ms": ms, "spread_ms": spread})
+    ms, _ = timer(lambda: vs.vertical_slash_flags(q, k, scale, bs, thr, kernel=False), 3)
+    emit({"row": "flags", "S": S, "variant": "reference", "ms": ms})
+    if args.op:
+        for row in op_rows(q, k, v, S, timer, args.reps):
+            emit(row)
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-lens", default="32768,131072")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     p.add_argument("--threshold", type=float, default=0.015)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--op", action="store_true", help="also time the op with/without the stage")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    timer = cuda_time if cuda else wall_time
     rows = []
-    for S in [int(s) for s in args.seq_lens.split(",")]:
-        q, k, _ = planted_qkv(1, 32, 8, S, 128, seed=0, dtype=torch.bfloat16, device="cuda")
-        scale, bs, thr = 128 ** -0.5, 128, args.threshold
-        col, diag = vs.vertical_slash_scores(q, k, scale, bs)
-        ref_col, ref_diag = vs.vertical_slash_scores_reference(q, k, scale, bs)
-        got = vs.flags_from_scores(col, diag, bs, thr)
-        want = vs.flags_from_scores(ref_col, ref_diag, bs, thr)
-        row = {"S": S, "column_max_diff": (col - ref_col).abs().max().item(),
-               "diagonal_max_diff": (diag - ref_diag).abs().max().item(),
-               "flags_equal": bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])),
-               "heavy_column_blocks": int(want[0].sum()),
-               "heavy_diagonal_blocks": int(want[1].sum())}
-        del ref_col, ref_diag
-        for w in (8, 4):
-            for diagonals in (True, False):
-                key = f"scores_w{w}" + ("" if diagonals else "_columns_only") + "_ms"
-                row[key] = cuda_time(lambda w=w, d=diagonals: vs.vertical_slash_scores(
-                    q, k, scale, bs, num_warps=w, diagonals=d), args.reps)[0]
-        row["flags_kernel_ms"] = cuda_time(
-            lambda: vs.vertical_slash_flags(q, k, scale, bs, thr), args.reps)[0]
-        row["flags_reference_ms"] = cuda_time(
-            lambda: vs.vertical_slash_flags(q, k, scale, bs, thr, kernel=False), 3)[0]
+
+    def emit(row):
         print(json.dumps(row), flush=True)
         rows.append(row)
+
+    for S in [int(s) for s in args.seq_lens.split(",")]:
+        t0 = time.perf_counter()
+        length_rows(args, S, timer, emit)
+        if cuda:
+            torch.cuda.empty_cache()
+        print(json.dumps({"row": "seconds", "S": S, "s": time.perf_counter() - t0}), flush=True)
     if args.out:
+        info = {"torch": torch.__version__, "device": args.device}
+        if cuda:
+            info["gpu"] = torch.cuda.get_device_name()
         with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "rows": rows}, f, indent=1)
+            json.dump({**info, "args": vars(args), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ defines what it computes:
 * ``fp8_quant`` and ``block_sparse_attention_fp8``: per-block e4m3 quantisation and the FP8
   block-sparse attention over the same selection (``FlashPrefillConfig.fp8_attention``), each
   with its reference;
-* ``vertical_slash``: the heavy column / diagonal detector (plain torch for now);
+* ``vertical_slash``: the heavy column / diagonal detector (Triton probe + reference), its
+  shared probe pieces and "skew" variant in ``vertical_slash_skew``;
 * ``utils``: sizes, dtypes and selection layouts shared by all of them.
 
 Which of them runs for a given call is decided in ``fp_compile.dispatch``.

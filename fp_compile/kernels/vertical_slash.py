@@ -7,10 +7,11 @@ holding a heavy column and diagonal block offsets holding a heavy diagonal
 (``vertical_slash_flags``, (B, H, M) each); the pattern search ORs them into its kept sets
 (``pattern_search(..., vs_blocks=)``), the reference into its mask (``add_vertical_slash``).
 
-The probe's scores come from a Triton kernel (``vertical_slash_scores``, two launches: the
+The probe's scores come from a Triton kernel (``vertical_slash_scores``, two passes: the
 probe rows' log-sum-exp over key tiles split across programs, then per key tile the rows'
-softmax, its column sums and, through an in-register gather that turns the tile's diagonals into
-columns, its diagonal sums) or from the plain-torch reference beside it
+softmax, its column sums and its diagonal sums, the tile's diagonals turned into columns by an
+in-register gather ("gather" variant) or through a per-program scratch ("skew", in
+``vertical_slash_skew``)) or from the plain-torch reference beside it
 (``vertical_slash_scores_reference``); both feed the same flag rule. No S x S tensor, no host
 synchronisation.
 """
@@ -23,20 +24,38 @@ import triton
 import triton.language as tl
 
 from .utils import LOG2E, acc_dtype, cdiv, check_kernel_dtype, group_view, interpreting, launcher
+from .vertical_slash_skew import (launch_options, lse_partials, probe_logits, probe_rows,
+                                  probe_shape, skew_scores, split_tiles)
+
+# The Triton probe's variants (``vertical_slash_scores(variant=)``): "gather", one program per
+# (head, key tile) turning diagonals into columns with tl.gather, its LSE combine and flag rule
+# in torch ops; "skew", persistent programs over runs of key tiles, diagonals skewed through a
+# per-program scratch, LSE combine, diagonal scores and flags in its kernels
+# (``vertical_slash_skew``).
+VARIANTS = ("gather", "skew")
+DEFAULT_VARIANT = "gather"
 
 
 def vertical_slash_flags(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
-                         threshold: float, kernel: bool | None = None
+                         threshold: float, kernel: bool | None = None, *,
+                         variant: str | None = None, num_warps: int | None = None,
+                         programs_per_sm: int | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(column_blocks, diagonal_blocks), each (B, H, M) bool.
 
     kernel: the Triton probe (``vertical_slash_scores``) or the reference; None picks the
-    kernel where it runs (CUDA or the interpreter, a kernel dtype, blocks of at most 128)."""
+    kernel where it runs (CUDA or the interpreter, a kernel dtype, blocks of at most 128).
+    variant, num_warps, programs_per_sm: the kernel's (``vertical_slash_scores``); "skew"
+    computes the flags in its last kernel, "gather" with ``flags_from_scores``."""
     if kernel is None:
         kernel = (q.is_cuda or interpreting()) and q.dtype in (
             torch.float16, torch.bfloat16, torch.float32) and block_size <= 128
     if kernel:
-        column, diagonal = vertical_slash_scores(q, k, scale, block_size)
+        if _check(q, block_size, variant) == "skew":
+            return skew_scores(q, k, scale, block_size, num_warps=num_warps,
+                               programs_per_sm=programs_per_sm, threshold=threshold)
+        column, diagonal = vertical_slash_scores(q, k, scale, block_size, variant=variant,
+                                                 num_warps=num_warps)
         return flags_from_scores(column, diagonal, block_size, threshold)
     Hkv = k.shape[1]
     G = q.shape[1] // Hkv
@@ -50,63 +69,6 @@ def vertical_slash_flags(q: torch.Tensor, k: torch.Tensor, scale: float, block_s
 
 
 # --------------------------------------------------------------------------------- kernel
-
-@triton.jit
-def _probe_logits(q, k_ptr, s0, offs_n, offs_d, rows, row_ok, S, sks, skd, qk_scale,
-                  D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """log2-unit logits of the probe rows against keys s0 + offs_n; -inf where not visible."""
-    cols = s0 + offs_n
-    k = tl.load(k_ptr + cols[:, None].to(tl.int64) * sks + offs_d[None, :] * skd,
-                mask=(cols < S)[:, None] & (offs_d < D)[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    visible = row_ok[:, None] & (cols[None, :] <= rows[:, None]) & (cols < S)[None, :]
-    return tl.where(visible, s, float("-inf")), visible
-
-
-@triton.jit
-def _probe_rows(q_ptr, k_ptr, bh, sqb, sqh, sqs, sqd, skb, skh, S, R, H, G,
-                D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr):
-    """The probe rows of (batch * head) bh: its q rows S - R .. S - 1 (BLOCK, DP), padding 0,
-    k_ptr moved to its kv head, and the row / key / dim offsets with the rows' validity."""
-    b = bh // H
-    h = bh % H
-    offs_r = tl.arange(0, BLOCK)
-    offs_n = tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, DP)
-    rows = S - R + offs_r
-    row_ok = offs_r < R
-    q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + rows[:, None].to(tl.int64) * sqs
-                + offs_d[None, :] * sqd, mask=row_ok[:, None] & (offs_d < D)[None, :],
-                other=0.0)
-    k_ptr += b.to(tl.int64) * skb + (h // G) * skh
-    return q, k_ptr, offs_r, offs_n, offs_d, rows, row_ok
-
-
-@triton.jit
-def _probe_lse_kernel(q_ptr, k_ptr, m_ptr, l_ptr, sqb, sqh, sqs, sqd, skb, skh, sks, skd,
-                      S, R, H, G, TILES, qk_scale,
-                      D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
-    """Grid (B * H, splits): the probe rows' running max / sum (log2 units) over key tiles
-    split * TILES .. + TILES; m, l (B * H, splits, BLOCK) fp32."""
-    qk_scale = tl.cast(qk_scale, tl.float32)   # torch.compile may pass an fp64
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    q, k_ptr, offs_r, offs_n, offs_d, rows, row_ok = _probe_rows(
-        q_ptr, k_ptr, bh, sqb, sqh, sqs, sqd, skb, skh, S, R, H, G, D, DP, BLOCK)
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], tl.float32)
-    for t in range(split * TILES, tl.minimum(split * TILES + TILES, tl.cdiv(S, BLOCK))):
-        s, _ = _probe_logits(q, k_ptr, t * BLOCK, offs_n, offs_d, rows, row_ok, S, sks, skd,
-                             qk_scale, D, DOT_PRECISION)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.math.exp2(m_i - m_sub) + tl.sum(tl.math.exp2(s - m_sub[:, None]), 1)
-        m_i = m_new
-    out = (bh * tl.num_programs(1) + split) * BLOCK + offs_r
-    tl.store(m_ptr + out, m_i)
-    tl.store(l_ptr + out, l_i)
-
 
 @triton.jit
 def _probe_scores_kernel(q_ptr, k_ptr, lse_ptr, col_ptr, first_ptr, second_ptr,
@@ -127,10 +89,10 @@ def _probe_scores_kernel(q_ptr, k_ptr, lse_ptr, col_ptr, first_ptr, second_ptr,
     qk_scale = tl.cast(qk_scale, tl.float32)
     bh = tl.program_id(0)
     s0 = tl.program_id(1) * BLOCK
-    q, k_ptr, offs_r, offs_n, offs_d, rows, row_ok = _probe_rows(
+    q, k_ptr, offs_r, offs_n, offs_d, rows, row_ok = probe_rows(
         q_ptr, k_ptr, bh, sqb, sqh, sqs, sqd, skb, skh, S, R, H, G, D, DP, BLOCK)
-    s, visible = _probe_logits(q, k_ptr, s0, offs_n, offs_d, rows, row_ok, S, sks, skd,
-                               qk_scale, D, DOT_PRECISION)
+    s, visible = probe_logits(q, k_ptr, s0, offs_n, offs_d, rows, row_ok, S, sks, skd,
+                              qk_scale, D, DOT_PRECISION)
     lse = tl.load(lse_ptr + bh * BLOCK + offs_r)
     p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
     column = tl.sum(p, 0) / R
@@ -159,48 +121,50 @@ def _probe_scores_kernel(q_ptr, k_ptr, lse_ptr, col_ptr, first_ptr, second_ptr,
 
 
 def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
-                          *, num_warps: int | None = None, diagonals: bool = True
+                          *, num_warps: int | None = None, diagonals: bool = True,
+                          variant: str | None = None, programs_per_sm: int | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``vertical_slash_scores_reference``: (column, diagonal), each (B, H, S) fp32.
 
     q (B, H, S, D), k (B, Hkv, S, D), fp16/bf16/fp32, any strides; block_size <= 128.
-    num_warps: launch option (tuning); diagonals=False skips the diagonal sums (tuning: their
-    share of the time), leaving the diagonal scores 0."""
-    check_kernel_dtype(q, "vertical_slash_scores")
-    if block_size > 128:
-        raise ValueError(f"vertical_slash_scores: block_size={block_size} above 128 (the "
-                         f"reference serves it)")
-    B, H, S, D = q.shape
-    Hkv = k.shape[1]
-    M = cdiv(S, block_size)
-    R = S - (M - 1) * block_size
-    BLOCK = max(16, triton.next_power_of_2(R))
-    DP = max(16, triton.next_power_of_2(D))
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    tiles = cdiv(S, BLOCK)
-    per_split = max(1, cdiv(tiles, 16))          # about 16 programs per head for the LSE
-    splits = cdiv(tiles, per_split)
-    m = torch.empty(B * H, splits, BLOCK, dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
+    variant: one of ``VARIANTS`` (None: ``DEFAULT_VARIANT``), the same scores to fp32
+    rounding. num_warps, programs_per_sm ("skew" only): launch options (tuning);
+    diagonals=False skips the diagonal sums (tuning: their share of the time), leaving the
+    diagonal scores 0."""
+    variant = _check(q, block_size, variant)
+    if variant == "skew":
+        return skew_scores(q, k, scale, block_size, num_warps=num_warps, diagonals=diagonals,
+                           programs_per_sm=programs_per_sm)
+    shape = probe_shape(q, k, block_size)
+    B, H, S, BLOCK = shape.B, shape.H, shape.S, shape.BLOCK
+    per_split, splits = split_tiles(shape.tiles, 16)    # about 16 programs per head
+    opts = launch_options(shape, num_warps)
     qk_scale = float(scale) * LOG2E
-    strides = (*q.stride(), *k.stride())
-    opts = {} if interpreting() else dict(
-        num_warps=num_warps or (8 if BLOCK * DP >= 128 * 128 else 4))
-    launcher(_probe_lse_kernel)[(B * H, splits)](
-        q, k, m, l, *strides, S, R, H, H // Hkv, per_split, qk_scale,
-        D=D, DP=DP, BLOCK=BLOCK, DOT_PRECISION=precision, **opts)
+    m, l = lse_partials(q, k, shape, qk_scale, per_split, splits, opts)
     m_max = m.amax(dim=1, keepdim=True)
     m_sub = torch.where(m_max.isneginf(), 0.0, m_max)
     lse = (m_sub + torch.log2((l * torch.exp2(m - m_sub)).sum(dim=1, keepdim=True)))[:, 0]
     column = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     first = torch.zeros(B, H, S, dtype=torch.float32, device=q.device)
     second = torch.zeros_like(first)
-    launcher(_probe_scores_kernel)[(B * H, tiles)](
-        q, k, lse.contiguous(), column, first, second, *strides, S, R, H, H // Hkv, qk_scale,
-        D=D, DP=DP, BLOCK=BLOCK, DOT_PRECISION=precision, DIAGONALS=diagonals, **opts)
-    if R == 1:
+    launcher(_probe_scores_kernel)[(B * H, shape.tiles)](
+        q, k, lse.contiguous(), column, first, second, *shape.strides, S, shape.R, H,
+        H // shape.Hkv, qk_scale, D=shape.D, DP=shape.DP, BLOCK=BLOCK,
+        DOT_PRECISION=shape.precision, DIAGONALS=diagonals, **opts)
+    if shape.R == 1:
         return column, second
-    return column, torch.minimum(first, second) * (2.0 / R)
+    return column, torch.minimum(first, second) * (2.0 / shape.R)
+
+
+def _check(q: torch.Tensor, block_size: int, variant: str | None) -> str:
+    check_kernel_dtype(q, "vertical_slash_scores")
+    if block_size > 128:
+        raise ValueError(f"vertical_slash_scores: block_size={block_size} above 128 (the "
+                         f"reference serves it)")
+    variant = DEFAULT_VARIANT if variant is None else variant
+    if variant not in VARIANTS:
+        raise ValueError(f"vertical_slash_scores: variant={variant!r}, not one of {VARIANTS}")
+    return variant
 
 
 # ------------------------------------------------------------------------------ reference

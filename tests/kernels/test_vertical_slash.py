@@ -13,16 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fp_compile.demo.synthetic import planted_qkv
-from fp_compile.kernels.vertical_slash import (flags_from_scores, vertical_slash_flags,
+from fp_compile.kernels.vertical_slash import (VARIANTS, flags_from_scores, vertical_slash_flags,
                                                vertical_slash_flags_reference,
                                                vertical_slash_scores,
                                                vertical_slash_scores_reference)
 from tests.helpers import DEVICE, assert_close, gpu
 
 
-def scores_match(q, k, bs, atol=2e-6):
+def scores_match(q, k, bs, atol=2e-6, variant=None):
     scale = 1 / math.sqrt(q.shape[-1])
-    col, diag = vertical_slash_scores(q, k, scale, bs)
+    col, diag = vertical_slash_scores(q, k, scale, bs, variant=variant)
     ref_col, ref_diag = vertical_slash_scores_reference(q, k, scale, bs)
     assert col.shape == ref_col.shape and diag.shape == ref_diag.shape
     assert torch.isfinite(col).all() and torch.isfinite(diag).all()
@@ -31,7 +31,8 @@ def scores_match(q, k, bs, atol=2e-6):
     return col, diag, ref_col, ref_diag
 
 
-# S, bs: the last query block holds R = S - (M - 1) * bs probe rows: 8, 16, 58, 44, 128, 1
+# S, bs: the last query block holds R = S - (M - 1) * bs probe rows: 8, 16, 58, 44, 128, 1, 1
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("B,H,Hkv,S,D,bs,dtype", [
     (1, 4, 2, 200, 32, 32, torch.float32),
     (2, 3, 1, 96, 16, 16, torch.float32),
@@ -39,22 +40,49 @@ def scores_match(q, k, bs, atol=2e-6):
     (1, 4, 1, 300, 32, 128, torch.float32),
     (1, 2, 1, 256, 32, 128, torch.float32),
     (1, 2, 2, 129, 32, 64, torch.float32),
+    (1, 4, 2, 257, 32, 128, torch.float16),
 ])
-def test_scores_and_flags_match_the_reference(B, H, Hkv, S, D, bs, dtype):
+def test_scores_and_flags_match_the_reference(B, H, Hkv, S, D, bs, dtype, variant):
     q, k, _ = planted_qkv(B, H, Hkv, S, D, seed=S, dtype=dtype, device=DEVICE)
-    col, diag, _, _ = scores_match(q, k, bs)
+    col, diag, _, _ = scores_match(q, k, bs, variant=variant)
     for threshold in (0.005, 0.015):
         got = flags_from_scores(col, diag, bs, threshold)
         want = vertical_slash_flags_reference(q, k, 1 / math.sqrt(D), bs, threshold)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert want[0].any()   # the planted inputs have heavy columns at these thresholds
+        # the variant's own flag path ("skew": computed in its last kernel)
+        fused = vertical_slash_flags(q, k, 1 / math.sqrt(D), bs, threshold, variant=variant)
+        assert torch.equal(fused[0], want[0]) and torch.equal(fused[1], want[1])
 
 
-def test_the_probe_sees_planted_slash_lines():
+@pytest.mark.parametrize("threshold", [0.0, -1.0, 0.02])
+def test_skew_flags_at_edge_thresholds_equal_the_rule_on_its_scores(threshold):
+    """The fused flags equal ``flags_from_scores`` on the variant's own scores, also where every
+    offset is heavy (threshold <= 0: padding and offsets before block 0 must stay out)."""
+    q, k, _ = planted_qkv(1, 3, 1, 230, 32, seed=11, dtype=torch.float32, device=DEVICE)
+    col, diag = vertical_slash_scores(q, k, 0.2, 32, variant="skew")
+    want = flags_from_scores(col, diag, 32, threshold)
+    got = vertical_slash_flags(q, k, 0.2, 32, threshold, variant="skew")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("programs_per_sm", [1, 3, 64])
+def test_skew_any_number_of_programs(programs_per_sm):
+    """One run of key tiles per head, several, or one tile per program: the same scores."""
+    q, k, _ = planted_qkv(1, 2, 1, 333, 32, seed=4, dtype=torch.float32, device=DEVICE)
+    col, diag = vertical_slash_scores(q, k, 0.2, 32, variant="skew",
+                                      programs_per_sm=programs_per_sm)
+    ref_col, ref_diag = vertical_slash_scores_reference(q, k, 0.2, 32)
+    assert_close(col, ref_col, 2e-6, 1e-4, "column scores")
+    assert_close(diag, ref_diag, 2e-6, 1e-4, "diagonal scores")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_probe_sees_planted_slash_lines(variant):
     """Diagonal scores are not all ~0: the kernel's diagonal path is exercised, not only its
     columns (a probe block of several rows over planted slash lines)."""
     q, k, _ = planted_qkv(1, 4, 2, 320, 32, seed=3, dtype=torch.float32, device=DEVICE)
-    _, diag, _, ref_diag = scores_match(q, k, 64)
+    _, diag, _, ref_diag = scores_match(q, k, 64, variant=variant)
     assert ref_diag.max() > 0.01 and diag.max() > 0.01
 
 
@@ -62,8 +90,8 @@ def test_the_probe_sees_planted_slash_lines():
 @given(S=st.integers(2, 300), bs=st.sampled_from([16, 32, 64, 128]),
        D=st.sampled_from([16, 24, 64]), groups=st.sampled_from([1, 2, 3]),
        Hkv=st.sampled_from([1, 2]), seed=st.integers(0, 1000),
-       random=st.booleans())
-def test_property_scores_match_the_reference(S, bs, D, groups, Hkv, seed, random):
+       random=st.booleans(), variant=st.sampled_from(VARIANTS))
+def test_property_scores_match_the_reference(S, bs, D, groups, Hkv, seed, random, variant):
     if random:
         g = torch.Generator().manual_seed(seed)
         q = (torch.randn(1, Hkv * groups, S, D, generator=g) * 2).to(DEVICE)
@@ -71,13 +99,15 @@ def test_property_scores_match_the_reference(S, bs, D, groups, Hkv, seed, random
     else:
         q, k, _ = planted_qkv(1, Hkv * groups, Hkv, S, D, seed=seed, dtype=torch.float32,
                               device=DEVICE)
-    scores_match(q, k, bs)
+    scores_match(q, k, bs, variant=variant)
 
 
-def test_strided_inputs_and_the_dispatch_choice():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_strided_inputs_and_the_dispatch_choice(variant):
     q, k, _ = planted_qkv(1, 4, 2, 160, 32, seed=7, dtype=torch.float32, device=DEVICE)
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)     # (B, S, H, D) memory
-    scores_match(qt, k[..., :].transpose(-1, -2).contiguous().transpose(-1, -2), 32)
+    scores_match(qt, k[..., :].transpose(-1, -2).contiguous().transpose(-1, -2), 32,
+                 variant=variant)
     # kernel=None picks the kernel where it runs, the reference above blocks of 128
     got = vertical_slash_flags(q, k, 0.2, 32, 0.01)
     want = vertical_slash_flags(q, k, 0.2, 32, 0.01, kernel=False)
@@ -93,14 +123,20 @@ def test_refuses_large_blocks_and_other_dtypes():
         vertical_slash_scores(q, k, 0.25, 256)
     with pytest.raises(TypeError, match="float16/bfloat16/float32"):
         vertical_slash_scores(q.double(), k.double(), 0.25, 16)
+    with pytest.raises(ValueError, match="variant='nope'"):
+        vertical_slash_scores(q, k, 0.25, 16, variant="nope")
 
 
 @gpu
-def test_gpu_bf16_long_probe_matches_the_reference():
-    q, k, _ = planted_qkv(1, 8, 2, 8192 + 77, 128, seed=2, dtype=torch.bfloat16, device="cuda")
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("H,Hkv,S", [(8, 2, 8192 + 77), (32, 8, 8192)])
+def test_gpu_bf16_long_probe_matches_the_reference(variant, H, Hkv, S):
+    q, k, _ = planted_qkv(1, H, Hkv, S, 128, seed=2, dtype=torch.bfloat16, device="cuda")
     torch.cuda.synchronize()
-    col, diag, ref_col, ref_diag = scores_match(q, k, 128, atol=1e-5)
+    col, diag, ref_col, ref_diag = scores_match(q, k, 128, atol=1e-5, variant=variant)
     flags = flags_from_scores(col, diag, 128, 0.015)
+    fused = vertical_slash_flags(q, k, 1 / math.sqrt(128), 128, 0.015, variant=variant)
+    assert torch.equal(flags[0], fused[0]) and torch.equal(flags[1], fused[1])
     ref = vertical_slash_flags_reference(q, k, 1 / math.sqrt(128), 128, 0.015)
     # equal except where a score sits within rounding of the threshold
     near = ((ref_col - 0.015).abs() < 1e-5).any() or ((ref_diag - 0.015).abs() < 1e-5).any()
@@ -109,9 +145,10 @@ def test_gpu_bf16_long_probe_matches_the_reference():
     assert ref[0].any()
 
 
-def test_columns_only_mode_keeps_the_columns():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_columns_only_mode_keeps_the_columns(variant):
     q, k, _ = planted_qkv(1, 2, 1, 200, 32, seed=5, dtype=torch.float32, device=DEVICE)
-    col, diag = vertical_slash_scores(q, k, 0.2, 64, diagonals=False)
+    col, diag = vertical_slash_scores(q, k, 0.2, 64, diagonals=False, variant=variant)
     ref_col, ref_diag = vertical_slash_scores_reference(q, k, 0.2, 64)
     assert_close(col, ref_col, 2e-6, 1e-4, "column scores")
     assert ref_diag.abs().max() > 0 and (diag == 0).all()
