@@ -32,8 +32,10 @@ from .vertical_slash_skew import (launch_options, lse_partials, probe_logits, pr
 # in torch ops; "skew", persistent programs over runs of key tiles, diagonals skewed through a
 # per-program scratch, LSE combine, diagonal scores and flags in its kernels
 # (``vertical_slash_skew``).
+# H200 (RESULTS.md run 42): the flag stage took 0.89 / 3.55 ms with "skew" (2 programs per SM)
+# against 1.27 / 4.78 ms with "gather" at 32K / 128K, same flags as the reference.
 VARIANTS = ("gather", "skew")
-DEFAULT_VARIANT = "gather"
+DEFAULT_VARIANT = "skew"
 
 
 def vertical_slash_flags(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,

@@ -287,20 +287,25 @@ def _finalize_kernel(col_ptr, first_ptr, second_ptr, diag_ptr, cflag_ptr, dflag_
         tl.store(dflag_ptr + flag, heavy | partial)
 
 
+# H200, H 32, bf16 (RESULTS.md run 42): 1 / 2 / 4 programs per SM took 1.07 / 0.89 / 0.72 ms at
+# 32K and 4.25 / 3.54 / 3.01 ms at 128K (8 warps).
+PROGRAMS_PER_SM = 4
+
+
 def skew_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, *,
                 num_warps: int | None = None, diagonals: bool = True,
                 programs_per_sm: int | None = None, threshold: float | None = None):
     """The "skew" variant: (column, diagonal) scores (B, H, S) fp32, or with a threshold the
     block flags (column_blocks, diagonal_blocks) (B, H, M) bool of ``flags_from_scores``.
-    Inputs as ``vertical_slash_scores``; programs_per_sm (default 2) sets the splits of each
-    head's key tiles so that B * H * splits is about that many programs per SM."""
+    Inputs as ``vertical_slash_scores``; programs_per_sm (default ``PROGRAMS_PER_SM``) sets the
+    splits of each head's key tiles so that B * H * splits is about that many programs per SM."""
     shape = probe_shape(q, k, block_size)
     B, H, S, BLOCK = shape.B, shape.H, shape.S, shape.BLOCK
     if q.is_cuda and not interpreting():
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     else:
         sms = 4
-    per_split, splits = split_tiles(shape.tiles, cdiv((programs_per_sm or 2) * sms, B * H))
+    per_split, splits = split_tiles(shape.tiles, cdiv((programs_per_sm or PROGRAMS_PER_SM) * sms, B * H))
     opts = launch_options(shape, num_warps)
     qk_scale = float(scale) * LOG2E
     m, l = lse_partials(q, k, shape, qk_scale, per_split, splits, opts)
