@@ -86,3 +86,19 @@ def test_training_answers_fit_in_the_loss_tail(seq_len):
     for seed in range(5):
         batch = ft.mixed_batch(10, seq_len, seed=seed)
         assert not batch.answer_mask[:, :-train.LOSS_TAIL].any()
+
+
+def test_copy_batch_repeats_a_phrase_and_masks_what_a_copy_predicts():
+    tokens, mask = ft.copy_batch(3, 100, seed=4)
+    assert tokens.shape == mask.shape == (3, 100)
+    P = int((~mask[0]).sum())
+    assert ft.COPY_PERIOD[0] <= P <= ft.COPY_PERIOD[1]
+    assert torch.equal(tokens[:, P:], tokens[:, :100 - P])
+    assert int(tokens.min()) >= ft.VOCAB.noise[0] and int(tokens.max()) < ft.VOCAB.size
+    assert torch.equal(tokens, ft.copy_batch(3, 100, seed=4)[0])
+    model = _model()
+    with torch.no_grad():
+        loss = train.copy_loss(model, tokens, mask)
+        logits = model(tokens)[:, :-1]
+    m = mask[:, 1:]
+    assert torch.allclose(loss, F.cross_entropy(logits[m], tokens[:, 1:][m]), atol=1e-5)

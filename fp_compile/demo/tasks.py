@@ -296,6 +296,26 @@ def training_params(task: str, rng: random.Random, seq_len: int) -> dict:
     return dict(EVAL_PARAMS[task])
 
 
+COPY_PERIOD = (8, 64)       # the copy warm-up's phrase: 8 to 64 tokens, one length per batch
+
+
+def copy_batch(batch: int, seq_len: int, *, seed: int, device="cpu",
+               period: tuple[int, int] = COPY_PERIOD) -> tuple[torch.Tensor, torch.Tensor]:
+    """The induction warm-up of training (not one of ``TASKS``): ``(tokens, mask)``, both
+    (batch, seq_len). Each row is a random phrase of ``P`` tokens (P drawn once per batch from
+    ``period``, at most seq_len / 2) over every non-marker token (noise, keys and values),
+    repeated to fill the row; ``mask`` is True on the tokens a copy of the phrase predicts
+    (position >= P). A next-token loss on them alone teaches the induction heads every lookup
+    of the tasks is built from: unlike the repeated haystack's, it has no unpredictable token
+    in it, and the phrase uses the key and value tokens the lookups copy."""
+    draw = _Draw(seed, device)
+    P = int(draw.ints(period[0], min(period[1], seq_len // 2) + 1, (1,)))
+    phrase = draw.ints(VOCAB.noise[0], VOCAB.size, (batch, P))
+    tokens = phrase.repeat(1, -(-seq_len // P))[:, :seq_len]
+    mask = (torch.arange(seq_len, device=draw.device) >= P).expand(batch, seq_len)
+    return tokens, mask
+
+
 def mixed_batch(batch: int, seq_len: int, *, seed: int, device="cpu",
                 tasks: tuple[str, ...] = TASKS) -> TaskBatch:
     """A training batch: ``batch`` rows dealt evenly over ``tasks``, each task's rows in one
