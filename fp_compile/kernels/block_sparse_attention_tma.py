@@ -27,6 +27,8 @@ pays with larger tiles than the registers hold at D = 128.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import triton
 import triton.language as tl
@@ -35,7 +37,8 @@ from .block_sparse_attention import block_sparse_attention, capture_tile
 from .utils import LOG2E, check_kernel_dtype, interpreting, launcher
 
 # Rescale acc only when a row max grew by more than this many powers of two (p <= 2 ** it).
-LAZY_BITS = 8.0
+# A constexpr: compiled kernels may read no other globals.
+LAZY_BITS = tl.constexpr(8.0)
 
 # name -> constexprs. "ptr" is the existing kernel's math on this module's code (a control).
 VARIANTS = {
@@ -223,9 +226,7 @@ def tma_supported(k: torch.Tensor, v: torch.Tensor) -> bool:
     interpreter; 16-byte aligned base and row stride; rows addressable with int32)."""
     if not (interpreting() or (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9)):
         return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("triton.tools.tensor_descriptor") is None:
         return False
     for t in (k, v):
         B, Hkv, S, _ = t.shape
