@@ -17,7 +17,9 @@ the causal ones). What a variant changes (``VARIANTS``, each a set of constexprs
   more than ``LAZY_BITS`` (log2 units), so most steps skip rescaling acc and l. Exact up to
   rounding: acc, l and the max stay consistent, p stays below 2 ** LAZY_BITS.
 * WARP_SPEC: ``tl.range(..., warp_specialize=True)`` on the main loop (Triton's automatic
-  warp specialisation; needs a Triton that implements it for sm_90, untested there).
+  warp specialisation). Compiled for sm_90 by Triton 3.9 (benchmarks/compile_attn_variants.py)
+  it changes nothing at 8 warps (the Hopper pass leaves the loop alone) and fails at 4 ("Other
+  parent ops are not supported"); not tried with Triton 3.6.
 
 The pointer variants (TMA off) run in Triton's interpreter; TMA ones too (Triton >= 3.4's
 interpreter reads host descriptors). Query-head packing of GQA groups is not here: packing G
