@@ -118,6 +118,19 @@ def _step(acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED: tl.constexpr,
 
 
 @triton.jit
+def _kept_tile(acc, m_i, l_i, q, t, idx_row, sin, k_base, v_base, row0, sks, svs, k_tile,
+               v_tile, kv_d_mask, qk_scale, q_mask, SUB: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+               BLOCK_N: tl.constexpr, TMA: tl.constexpr, PAD_D: tl.constexpr,
+               FOLD: tl.constexpr, LAZY: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Key sub-tile t % SUB of kept entry t // SUB (a block before the diagonal)."""
+    j = tl.load(idx_row + (t // SUB) * sin)
+    start_n = j * BLOCK_SIZE + (t % SUB) * BLOCK_N
+    k, v = _load_kv(k_base, v_base, start_n, row0, sks, svs, k_tile, v_tile, kv_d_mask,
+                    TMA, PAD_D)
+    return _step(acc, m_i, l_i, q, k, v, qk_scale, q_mask, False, FOLD, LAZY, DOT_PRECISION)
+
+
+@triton.jit
 def _bsa_variant_kernel(q_ptr, k_src, v_src, o_ptr, num_ptr, idx_ptr,
                         sqb, sqh, sqs, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                         sob, soh, sos, sod, snb, snh, snm, sib, sih, sim, sin,
@@ -180,14 +193,20 @@ def _bsa_variant_kernel(q_ptr, k_src, v_src, o_ptr, num_ptr, idx_ptr,
         n_full -= 1
         last = tl.load(idx_row + (n_full - 1) * sin, mask=n_full > 0, other=-1)
 
-    # 1. Kept blocks before the diagonal: full and fully visible, no masks.
-    for t in tl.range(0, n_full * SUB, warp_specialize=WARP_SPEC):
-        j = tl.load(idx_row + (t // SUB) * sin)
-        start_n = j * BLOCK_SIZE + (t % SUB) * BLOCK_N
-        k, v = _load_kv(k_base, v_base, start_n, row0, sks, svs, k_tile, v_tile, kv_d_mask,
-                        TMA, PAD_D)
-        acc, m_i, l_i = _step(acc, m_i, l_i, q, k, v, qk_scale, q_mask, False, FOLD, LAZY,
-                              DOT_PRECISION)
+    # 1. Kept blocks before the diagonal: full and fully visible, no masks. The keyword
+    # warp_specialize only where asked (a Triton without it then fails only WARP_SPEC).
+    if WARP_SPEC:
+        for t in tl.range(0, n_full * SUB, warp_specialize=True):
+            acc, m_i, l_i = _kept_tile(acc, m_i, l_i, q, t, idx_row, sin, k_base, v_base, row0,
+                                       sks, svs, k_tile, v_tile, kv_d_mask, qk_scale, q_mask,
+                                       SUB, BLOCK_SIZE, BLOCK_N, TMA, PAD_D, FOLD, LAZY,
+                                       DOT_PRECISION)
+    else:
+        for t in range(0, n_full * SUB):
+            acc, m_i, l_i = _kept_tile(acc, m_i, l_i, q, t, idx_row, sin, k_base, v_base, row0,
+                                       sks, svs, k_tile, v_tile, kv_d_mask, qk_scale, q_mask,
+                                       SUB, BLOCK_SIZE, BLOCK_N, TMA, PAD_D, FOLD, LAZY,
+                                       DOT_PRECISION)
 
     # 2. The diagonal block, when kept: unmasked key sub-tiles ending before the tile's first
     # row, then the ones crossing it (causal and sequence-end masks).
