@@ -5,7 +5,8 @@ defines what it computes:
 * ``pattern_search``: the block selection (scores, threshold, compaction);
   ``search_reference``: its plain-torch reference, the whole selection rule (spans included);
 * ``block_sparse_attention``: online-softmax attention over the kept blocks (its reference in
-  ``block_sparse_reference``);
+  ``block_sparse_reference``); ``block_sparse_attention_tma``: variants of it for tuning on
+  Hopper (TMA descriptors, folded scale, lazy rescale), none the default;
 * ``fp8_quant`` and ``block_sparse_attention_fp8``: per-block e4m3 quantisation and the FP8
   block-sparse attention over the same selection (``FlashPrefillConfig.fp8_attention``), each
   with its reference;
