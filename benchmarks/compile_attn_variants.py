@@ -1,9 +1,9 @@
 """Compile the attention variants' configs for sm_90 without a GPU (Triton's ahead-of-time
-path): does each compile, how much shared memory does it take, and does the warp-specialised
-loop get split into partitions? Run with TRITON_INTERPRET unset.
+path): does each compile, and how much shared memory does it take? Run with TRITON_INTERPRET
+unset.
 
     python benchmarks/compile_attn_variants.py                     # every bench config
-    python benchmarks/compile_attn_variants.py tma_ws:128,64,4,2   # some
+    python benchmarks/compile_attn_variants.py tma_fold:128,64,8,3   # some
 
 A compiler abort kills this process: give one config per call to find which one.
 """

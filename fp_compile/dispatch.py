@@ -98,11 +98,27 @@ def sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                                                 config.mean_correction, q_start=q_start)
     from .kernels.block_sparse_attention import block_sparse_attention, capture_tile
 
+    capturing = _capturing(q)
+    if (not capturing and not config.mean_correction and q.element_size() == 2
+            and q.shape[-1] <= 128 and config.block_size == 128):
+        # The TMA variant where it was measured (16-bit, D <= 128, blocks of 128; RESULTS.md
+        # run 45: 1.09-1.11x the pointer kernel at 8K-128K); it launches the pointer kernel
+        # itself while torch.compile traces (host descriptors launch eagerly only).
+        from .kernels.block_sparse_attention_tma import block_sparse_attention_variant
+
+        return block_sparse_attention_variant(q, k, v, num, idx, scale, config.block_size,
+                                              variant=ATTENTION_VARIANT, out=out,
+                                              q_start=q_start)
     # No autotuning while a CUDA graph is captured (it would run and time candidates there)
-    tile = capture_tile(q, config.block_size) if _capturing(q) else None
+    tile = capture_tile(q, config.block_size) if capturing else None
     return block_sparse_attention(q, k, v, num, idx, scale, config.block_size,
                                   mean_correction=config.mean_correction, kmean=kmean,
                                   vmean=vmean, tile=tile, out=out, q_start=q_start)
+
+
+# The attention variant (kernels/block_sparse_attention_tma.VARIANTS) of eager 16-bit launches
+# with blocks of 128; "default": the pointer kernel (block_sparse_attention) everywhere.
+ATTENTION_VARIANT = "tma_fold"
 
 
 def _capturing(q: torch.Tensor) -> bool:

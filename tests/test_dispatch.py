@@ -364,3 +364,20 @@ def test_property_vertical_slash_chunks_equal_the_reference(S, block, groups, ch
     finally:
         dispatch.INDEX_BYTES, dispatch.PROBE_ROWS = saved
     assert_close(out, want, 3e-5, 3e-5)
+
+
+def test_eager_16bit_calls_with_blocks_of_128_take_the_tma_attention(monkeypatch):
+    # dispatch.ATTENTION_VARIANT serves eager fp16/bf16 launches with blocks of 128 (run 45);
+    # its output is the reference's
+    from fp_compile.kernels import block_sparse_attention_tma as bt
+
+    q, k, v = planted_qkv(1, 4, 2, 512, 32, seed=0, dtype=torch.float16)
+    config = FlashPrefillConfig(block_size=128, min_seq_len=0, kernel="triton", alpha=0.3,
+                                dense_above=1.0)
+    variants = spy_calls(monkeypatch, bt, "block_sparse_attention_variant",
+                         lambda args, kwargs: kwargs["variant"])
+    out = dispatch.run(q, k, v, None, config)
+    assert variants == [dispatch.ATTENTION_VARIANT] == ["tma_fold"]
+    want = dispatch.reference(q.float(), k.float(), v.float(), None,
+                              config.replace(kernel="reference"))
+    assert rel_l2(out.float(), want) < 2e-3

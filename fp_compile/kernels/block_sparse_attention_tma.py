@@ -13,13 +13,11 @@ the causal ones). What a variant changes (``VARIANTS``, each a set of constexprs
   and the causal mask (key <= query < S) already hides them, with p = 0 times finite values.
 * FOLD: the row max is taken on the raw q . k and scaled once per row; the logits enter exp2
   as one fused multiply-add (qk * scale - max) instead of a multiply then a subtraction.
-* LAZY: the running max used for the exponentials moves only when some row's max grew by
-  more than ``LAZY_BITS`` (log2 units), so most steps skip rescaling acc and l. Exact up to
-  rounding: acc, l and the max stay consistent, p stays below 2 ** LAZY_BITS.
-* WARP_SPEC: ``tl.range(..., warp_specialize=True)`` on the main loop (Triton's automatic
-  warp specialisation). Compiled for sm_90 by Triton 3.9 (benchmarks/compile_attn_variants.py)
-  it changes nothing at 8 warps (the Hopper pass leaves the loop alone) and fails at 4 ("Other
-  parent ops are not supported"); not tried with Triton 3.6.
+
+Measured on the H200 (RESULTS.md run 45) and dropped: a lazy rescale (the max moving only when
+a row outgrew it by 2^8) was 5-10% slower with 6e-4-1e-3 relative error; Triton's automatic
+warp specialisation (``tl.range(..., warp_specialize=True)``) timed as without it at 8 warps
+and failed to compile at 4.
 
 The pointer variants (TMA off) run in Triton's interpreter; TMA ones too (Triton >= 3.4's
 interpreter reads host descriptors). Query-head packing of GQA groups is not here: packing G
@@ -38,20 +36,12 @@ import triton.language as tl
 from .block_sparse_attention import block_sparse_attention, capture_tile
 from .utils import LOG2E, check_kernel_dtype, interpreting, launcher
 
-# Rescale acc only when a row max grew by more than this many powers of two (p <= 2 ** it).
-# A constexpr: compiled kernels may read no other globals.
-LAZY_BITS = tl.constexpr(8.0)
-
 # name -> constexprs. "ptr" is the existing kernel's math on this module's code (a control).
 VARIANTS = {
-    "ptr": dict(TMA=False, FOLD=False, LAZY=False, WARP_SPEC=False),
-    "ptr_fold": dict(TMA=False, FOLD=True, LAZY=False, WARP_SPEC=False),
-    "ptr_lazy": dict(TMA=False, FOLD=True, LAZY=True, WARP_SPEC=False),
-    "tma": dict(TMA=True, FOLD=False, LAZY=False, WARP_SPEC=False),
-    "tma_fold": dict(TMA=True, FOLD=True, LAZY=False, WARP_SPEC=False),
-    "tma_lazy": dict(TMA=True, FOLD=True, LAZY=True, WARP_SPEC=False),
-    "tma_ws": dict(TMA=True, FOLD=True, LAZY=False, WARP_SPEC=True),
-    "ptr_ws": dict(TMA=False, FOLD=True, LAZY=False, WARP_SPEC=True),
+    "ptr": dict(TMA=False, FOLD=False),
+    "ptr_fold": dict(TMA=False, FOLD=True),
+    "tma": dict(TMA=True, FOLD=False),
+    "tma_fold": dict(TMA=True, FOLD=True),
 }
 
 
@@ -76,12 +66,11 @@ def _load_kv(k_src, v_src, start_n, row0, sks, svs, k_tile, v_tile, kv_mask,
 
 @triton.jit
 def _step(acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED: tl.constexpr,
-          FOLD: tl.constexpr, LAZY: tl.constexpr, DOT_PRECISION: tl.constexpr):
+          FOLD: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One online-softmax step over a key tile (m_i, l_i in log2 units).
 
     MASKED: ``visible`` (BLOCK_M, BLOCK_N) bool hides logits, and a row may have seen only
-    -inf so far (exp2 must give 0, not NaN). LAZY: the lazy rescale (callers pass False for
-    masked tiles, which are rare and may hold rows that saw nothing yet).
+    -inf so far (exp2 must give 0, not NaN).
     """
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
@@ -91,23 +80,12 @@ def _step(acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED: tl.constexpr,
     else:
         qk = qk * qk_scale
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-    if LAZY:
-        # Move the reference max (all rows at once) only when some row outgrew it; the first
-        # tile always moves it (m_i = -inf).
-        if tl.max(m_new - m_i, 0) > LAZY_BITS:
-            alpha = tl.math.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        m_sub = m_i
-        m_new = m_i
-    else:
-        m_sub = m_new
-        if MASKED:
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_sub)
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha
+    m_sub = m_new
+    if MASKED:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_sub)
+    acc = acc * alpha[:, None]
+    l_i = l_i * alpha
     if FOLD:
         p = tl.math.exp2(qk * qk_scale - m_sub[:, None])
     else:
@@ -121,13 +99,13 @@ def _step(acc, m_i, l_i, q, k, v, qk_scale, visible, MASKED: tl.constexpr,
 def _kept_tile(acc, m_i, l_i, q, t, idx_row, sin, k_base, v_base, row0, sks, svs, k_tile,
                v_tile, kv_d_mask, qk_scale, q_mask, SUB: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                BLOCK_N: tl.constexpr, TMA: tl.constexpr, PAD_D: tl.constexpr,
-               FOLD: tl.constexpr, LAZY: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               FOLD: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Key sub-tile t % SUB of kept entry t // SUB (a block before the diagonal)."""
     j = tl.load(idx_row + (t // SUB) * sin)
     start_n = j * BLOCK_SIZE + (t % SUB) * BLOCK_N
     k, v = _load_kv(k_base, v_base, start_n, row0, sks, svs, k_tile, v_tile, kv_d_mask,
                     TMA, PAD_D)
-    return _step(acc, m_i, l_i, q, k, v, qk_scale, q_mask, False, FOLD, LAZY, DOT_PRECISION)
+    return _step(acc, m_i, l_i, q, k, v, qk_scale, q_mask, False, FOLD, DOT_PRECISION)
 
 
 @triton.jit
@@ -137,8 +115,7 @@ def _bsa_variant_kernel(q_ptr, k_src, v_src, o_ptr, num_ptr, idx_ptr,
                         S, SQ, Q0, H, G, HKV, qk_scale,
                         D: tl.constexpr, DP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr,
-                        LAZY: tl.constexpr, WARP_SPEC: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, FOLD: tl.constexpr):
     """Grid (B * H, cdiv(SQ, BLOCK_M)); as ``_bsa_fwd_kernel`` without span, mean correction
     or LSE. With TMA, k_src / v_src are descriptors of (B * HKV * S, D) with block
     (BLOCK_N, DP) and the k / v strides are unused; else they are k / v pointers."""
@@ -193,20 +170,11 @@ def _bsa_variant_kernel(q_ptr, k_src, v_src, o_ptr, num_ptr, idx_ptr,
         n_full -= 1
         last = tl.load(idx_row + (n_full - 1) * sin, mask=n_full > 0, other=-1)
 
-    # 1. Kept blocks before the diagonal: full and fully visible, no masks. The keyword
-    # warp_specialize only where asked (a Triton without it then fails only WARP_SPEC).
-    if WARP_SPEC:
-        for t in tl.range(0, n_full * SUB, warp_specialize=True):
-            acc, m_i, l_i = _kept_tile(acc, m_i, l_i, q, t, idx_row, sin, k_base, v_base, row0,
-                                       sks, svs, k_tile, v_tile, kv_d_mask, qk_scale, q_mask,
-                                       SUB, BLOCK_SIZE, BLOCK_N, TMA, PAD_D, FOLD, LAZY,
-                                       DOT_PRECISION)
-    else:
-        for t in range(0, n_full * SUB):
-            acc, m_i, l_i = _kept_tile(acc, m_i, l_i, q, t, idx_row, sin, k_base, v_base, row0,
-                                       sks, svs, k_tile, v_tile, kv_d_mask, qk_scale, q_mask,
-                                       SUB, BLOCK_SIZE, BLOCK_N, TMA, PAD_D, FOLD, LAZY,
-                                       DOT_PRECISION)
+    # 1. Kept blocks before the diagonal: full and fully visible, no masks.
+    for t in range(0, n_full * SUB):
+        acc, m_i, l_i = _kept_tile(acc, m_i, l_i, q, t, idx_row, sin, k_base, v_base, row0,
+                                   sks, svs, k_tile, v_tile, kv_d_mask, qk_scale, q_mask,
+                                   SUB, BLOCK_SIZE, BLOCK_N, TMA, PAD_D, FOLD, DOT_PRECISION)
 
     # 2. The diagonal block, when kept: unmasked key sub-tiles ending before the tile's first
     # row, then the ones crossing it (causal and sequence-end masks).
@@ -218,7 +186,7 @@ def _bsa_variant_kernel(q_ptr, k_src, v_src, o_ptr, num_ptr, idx_ptr,
     for start_n in range(diag_lo, open_hi, BLOCK_N):
         k, v = _load_kv(k_base, v_base, start_n, row0, sks, svs, k_tile, v_tile, kv_d_mask,
                         TMA, PAD_D)
-        acc, m_i, l_i = _step(acc, m_i, l_i, q, k, v, qk_scale, q_mask, False, FOLD, LAZY,
+        acc, m_i, l_i = _step(acc, m_i, l_i, q, k, v, qk_scale, q_mask, False, FOLD,
                               DOT_PRECISION)
     for start_n in range(mask_lo, diag_hi, BLOCK_N):
         cols = start_n + offs_n
@@ -226,7 +194,7 @@ def _bsa_variant_kernel(q_ptr, k_src, v_src, o_ptr, num_ptr, idx_ptr,
         k, v = _load_kv(k_base, v_base, start_n, row0, sks, svs, k_tile, v_tile,
                         (cols < S)[:, None] & kv_d_mask, TMA, True)
         visible = (cols[None, :] <= offs_m[:, None]) & (cols < S)[None, :]
-        acc, m_i, l_i = _step(acc, m_i, l_i, q, k, v, qk_scale, visible, True, FOLD, False,
+        acc, m_i, l_i = _step(acc, m_i, l_i, q, k, v, qk_scale, visible, True, FOLD,
                               DOT_PRECISION)
 
     # Rows that saw nothing get 0 / 0 = NaN, as the reference's softmax.
