@@ -159,6 +159,16 @@ class FlashPrefillConfig:
             )
         return cls(**options)
 
+    def options_summary(self) -> str:
+        """The beyond-paper options this config turns on, e.g. "mass_floor=0.8, dense_above=0.6"
+        ("" for the paper's rule); stats rows and ``explain`` show it."""
+        parts = []
+        for name, off in _BEYOND_PAPER_OFF.items():
+            value = getattr(self, name)
+            if value != off:
+                parts.append(name if isinstance(value, bool) else f"{name}={value:g}")
+        return ", ".join(parts)
+
     def replace(self, **changes: Any) -> "FlashPrefillConfig":
         return dataclasses.replace(self, **changes)
 

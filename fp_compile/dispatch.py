@@ -440,9 +440,7 @@ def _record(layer: int, q: torch.Tensor, k: torch.Tensor, config: FlashPrefillCo
             sel: Optional[Selection], flags: Optional[torch.Tensor]) -> None:
     from .stats import record
 
-    heads_dense = None
-    if flags is not None:
-        heads_dense = flags.repeat_interleave(q.shape[1] // k.shape[1], dim=1).any(dim=0)
     record(layer, q.shape[2], q.shape[0], config.block_size, config.alpha,
            None if sel is None else sel.num, q.shape[1],
-           mass=None if sel is None else sel.mass, dense_heads=heads_dense)
+           mass=None if sel is None else sel.mass, dense_groups=flags,
+           options=config.options_summary())

@@ -237,12 +237,10 @@ def form(q_len: int, kv_len: int, key_mask: bool, q_pos: bool) -> str:
 def _record(layer, q, k, config, span: Span, sel, key_mask, q_pos, flags=None) -> None:
     from .stats import record
 
-    heads_dense = None
-    if flags is not None:
-        heads_dense = flags.repeat_interleave(q.shape[1] // k.shape[1], dim=1).any(dim=0)
     cand = None if sel is None else candidate_blocks(span, q.shape[2], k.shape[2],
                                                      config.block_size)
     record(layer, k.shape[2], q.shape[0], config.block_size, config.alpha,
            None if sel is None else sel.num, q.shape[1], mass=None if sel is None else sel.mass,
-           dense_heads=heads_dense, candidates=cand,
-           form=form(q.shape[2], k.shape[2], key_mask is not None, q_pos is not None))
+           dense_groups=flags, candidates=cand,
+           form=form(q.shape[2], k.shape[2], key_mask is not None, q_pos is not None),
+           options=config.options_summary())

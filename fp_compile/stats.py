@@ -48,6 +48,7 @@ class LayerStats:
     head_mass: tuple[float, ...] = ()
     dense_heads: tuple[bool, ...] = ()
     form: str = "plain"
+    options: str = ""
 
     @property
     def density(self) -> float:
@@ -89,7 +90,7 @@ class StatsTable:
                      block_size=r.block_size, alpha=r.alpha, sparse=r.sparse,
                      density=r.density, head_density=list(r.head_density),
                      head_mass=list(r.head_mass), dense_heads=list(r.dense_heads),
-                     form=r.form)
+                     form=r.form, options=r.options)
                 for r in self.rows]
 
     def __str__(self) -> str:
@@ -99,13 +100,15 @@ class StatsTable:
                  f"{'density':>8} {'min mass':>8} {'dense h':>7}  per-head density "
                  "(* ran dense)"]
         spans = any(r.form != "plain" for r in self.rows)
+        options = any(r.options for r in self.rows)
         for r in self.rows:
             heads = " ".join(f"{d:.2f}" + ("*" if r.dense_heads and r.dense_heads[h] else "")
                              for h, d in enumerate(r.head_density))
             lines.append(f"{r.prefill:>7} {r.layer:>5} {r.seq_len:>8} {r.alpha:>6.3g} "
                          f"{'sparse' if r.sparse else 'dense':>6} {r.density:>8.3f} "
                          f"{r.min_mass:>8.3f} {r.n_dense_heads:>7}  {heads}"
-                         + (f"  [{r.form}]" if spans else ""))
+                         + (f"  [{r.form}]" if spans else "")
+                         + (f"  ({r.options or 'paper rule'})" if options else ""))
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -126,10 +129,13 @@ def reset_stats() -> None:
 
 def record(layer: int, seq_len: int, batch: int, block_size: int, alpha: float,
            kv_num_blocks: torch.Tensor | None, num_heads: int, *,
-           mass: torch.Tensor | None = None, dense_heads: torch.Tensor | None = None,
-           candidates: torch.Tensor | None = None, form: str = "plain") -> None:
+           mass: torch.Tensor | None = None, dense_groups: torch.Tensor | None = None,
+           candidates: torch.Tensor | None = None, form: str = "plain",
+           options: str = "") -> None:
     """Store one call. ``kv_num_blocks`` (B, H, M) from the pattern search, None for a dense run;
-    ``mass`` (B, H, M) the estimated kept mass per query block; ``dense_heads`` (H,) bool.
+    ``mass`` (B, H, M) the estimated kept mass per query block; ``dense_groups`` (B, Hkv) bool,
+    the kv groups the dense fallback ran dense (a head counts as dense when its group was, in
+    any batch row); ``options`` the config's ``options_summary()``.
     A call with a span: ``kv_num_blocks`` (B, H, n) and ``candidates`` (B, n), the blocks each
     row could keep; ``form`` how the span came about.
 
@@ -147,14 +153,17 @@ def record(layer: int, seq_len: int, batch: int, block_size: int, alpha: float,
         heads = tuple(float(x) for x in per_head.cpu())
     head_mass = () if mass is None else tuple(
         float(x) for x in mass.amin(dim=(0, 2)).cpu())
-    dense = () if dense_heads is None else tuple(bool(x) for x in dense_heads.cpu())
+    dense = ()
+    if dense_groups is not None:
+        per_head = dense_groups.repeat_interleave(num_heads // dense_groups.shape[1], dim=1)
+        dense = tuple(bool(x) for x in per_head.any(dim=0).cpu())
     with _lock:
         if layer in _prefill["seen"]:
             _prefill["index"] += 1
             _prefill["seen"] = set()
         _prefill["seen"].add(layer)
         row = LayerStats(_prefill["index"], layer, seq_len, batch, block_size, alpha,
-                         kv_num_blocks is not None, heads, head_mass, dense, form)
+                         kv_num_blocks is not None, heads, head_mass, dense, form, options)
         _rows.append(row)
     log.debug("flashprefill layer %d: S=%d %s density %.3f", layer, seq_len,
               "sparse" if row.sparse else "dense", row.density)

@@ -75,3 +75,16 @@ def test_reset_clears(caplog):
     assert len(fp_compile.stats()) == 1
     fp_compile.reset_stats()
     assert len(fp_compile.stats()) == 0
+
+
+def test_rows_name_the_options_a_call_ran_with():
+    q, k, v = planted_qkv(1, 4, 2, 128, 16, seed=8)
+    base = dict(block_size=16, min_seq_len=0, collect_stats=True)
+    _op(q, k, v, FlashPrefillConfig(**base), 0)
+    _op(q, k, v, FlashPrefillConfig.paper_rule(**base), 1)
+    _op(q, k, v, FlashPrefillConfig.paper_rule(**base, vertical_slash=True), 2)
+    rows = fp_compile.stats().rows
+    assert [r.options for r in rows] == ["mass_floor=0.8, dense_above=0.6", "", "vertical_slash"]
+    text = str(fp_compile.stats())
+    assert "(mass_floor=0.8, dense_above=0.6)" in text and "(paper rule)" in text
+    assert fp_compile.stats().as_dicts()[2]["options"] == "vertical_slash"
