@@ -115,13 +115,15 @@ def test_window_wider_than_the_prompt_is_causal_only_for_that_length():
         assert_close(got, attn(q, k, v), 1e-5, 1e-5, f"dynamic={dynamic}")
 
 
-def test_attn_mask_reading_a_padding_mask_becomes_a_padded_call():
-    def padded(q, k, v, keep):
-        S = q.shape[2]
-        causal = torch.ones(S, S, dtype=torch.bool).tril()
-        mask = causal[None, None] & keep[:, None, None, :]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+def padded(q, k, v, keep):
+    """SDPA with the causal mask AND-ed with a (B, S) key-padding mask, as models build it."""
+    S = q.shape[2]
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    mask = causal[None, None] & keep[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
+
+def test_attn_mask_reading_a_padding_mask_becomes_a_padded_call():
     q, k, v = qkv(B=2, S=40)
     keep = torch.ones(2, 40, dtype=torch.bool)          # no padding: the values still decide
     backend, seen = capture()
@@ -135,12 +137,6 @@ def test_attn_mask_reading_a_padding_mask_becomes_a_padded_call():
 @pytest.mark.parametrize("name", SPAN_UNSUPPORTED)
 def test_a_padded_call_stays_dense_with_an_option_spans_refuse(name):
     # the op would raise on the call (spans._check_config); the pass leaves it and says why
-    def padded(q, k, v, keep):
-        S = q.shape[2]
-        causal = torch.ones(S, S, dtype=torch.bool).tril()
-        mask = causal[None, None] & keep[:, None, None, :]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
     q, k, v = qkv(B=2, S=40)
     keep = torch.ones(2, 40, dtype=torch.bool)
     value = 6.0 if name == "slash_probe" else True
