@@ -53,3 +53,19 @@ def flash_prefill_reference(q, k, v, scale, block_size, alpha, sink_blocks, wind
                                 window_blocks=window_blocks, last_dense_blocks=last_dense_blocks,
                                 min_seq_len=min_seq_len, **options)
     return dispatch.reference(q, k, v, scale, config)
+
+
+def assert_select_equals_reference(q, k, scale, config):
+    """The dispatch's Triton selection (``dispatch.select``) equals the plain-torch reference's
+    (kept blocks bit for bit, estimated kept mass to 1e-6); returns (the Triton selection, the
+    reference's keep mask (B, H, M, M))."""
+    from fp_compile import dispatch
+    from fp_compile.kernels import utils as ku
+
+    sel = dispatch.select(q, k, scale, config, with_mass=True)
+    keep, mass = dispatch.select_mask(q, k, scale, config.replace(kernel="reference"),
+                                      return_mass=True)
+    num, idx = ku.compact_mask(keep)
+    assert torch.equal(sel.num, num) and torch.equal(sel.idx, idx)
+    torch.testing.assert_close(sel.mass, mass, atol=1e-6, rtol=1e-6)
+    return sel, keep

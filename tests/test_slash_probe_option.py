@@ -16,7 +16,7 @@ from fp_compile.kernels import utils as ku
 from fp_compile.kernels.search_reference import select_mask_reference
 from fp_compile.kernels.vertical_slash import add_vertical_slash
 from fp_compile.ops import OP_CONFIG_FIELDS, op_config_args
-from tests.helpers import spy_calls
+from tests.helpers import assert_select_equals_reference, spy_calls
 
 TRITON = dict(block_size=32, min_seq_len=0, kernel="triton")
 
@@ -57,12 +57,7 @@ def test_select_equals_the_reference(shared, floor, vs):
                                 mass_floor=floor, vertical_slash=vs, vs_threshold=0.01,
                                 slash_probe=4.0)
     scale = 32 ** -0.5
-    sel = dispatch.select(q, k, scale, config, with_mass=True)
-    keep, mass = dispatch.select_mask(q, k, scale, config.replace(kernel="reference"),
-                                      return_mass=True)
-    num, idx = ku.compact_mask(keep)
-    assert torch.equal(sel.num, num) and torch.equal(sel.idx, idx)
-    torch.testing.assert_close(sel.mass, mass, atol=1e-6, rtol=1e-6)
+    sel, keep = assert_select_equals_reference(q, k, scale, config)
     without = dispatch.select(q, k, scale, config.replace(slash_probe=0.0))
     assert int(sel.num.sum()) > int(without.num.sum()), "the probe should add blocks here"
     # the reference adds exactly the probe's diagonals (with vertical_slash's, an OR)
