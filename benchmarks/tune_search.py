@@ -1,11 +1,16 @@
-"""Time the pattern-search kernel over launch configs (GPU): tile width TJ, warps, stages.
+"""Time the pattern-search kernel over its variants and launch configs (GPU).
 
     python benchmarks/tune_search.py --seq-lens 32768,131072 --out results/
+    python benchmarks/tune_search.py --variants masked,full --tj 64 --warps 4 --stages 1
 
-Every config's selection is first compared with the plain-torch reference (rows whose kept
-count or kept set differ are reported; a config with a difference is marked, not dropped).
-Times are GPU medians (calls queued behind a sleep kernel, as in bench_attention.py). The
-config that pattern_search uses now is marked "current".
+Variants are ``pattern_search.SEARCH_VARIANTS`` (pass A's interior tiles: masked, unmasked with
+the scale folded into exp2's argument, fp16 exponentials, ...); launch configs are the tile width
+TJ, warps and stages. Every (variant, config)'s selection is first compared with the plain-torch
+reference: rows whose kept set differs and the Jaccard index of the kept (query block, key block)
+pairs over the whole call. Then the same with the mass guard on (``mass_floor`` 0.8, the
+default), against the guarded reference. A difference is reported, not dropped. Times are GPU
+medians (calls queued behind a sleep kernel, as in bench_attention.py). The variant and config
+that pattern_search uses now are marked "current".
 """
 
 from __future__ import annotations
@@ -26,59 +31,87 @@ from fp_compile.kernels import pattern_search as ps  # noqa: E402
 from fp_compile.demo.synthetic import planted_qkv  # noqa: E402
 
 
+def kept_mask(num: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, H, n, M) bool: the kept key blocks of a compact selection."""
+    M = idx.shape[-1]
+    valid = torch.arange(M, device=idx.device) < num[..., None]
+    return torch.zeros(idx.shape, dtype=torch.bool, device=idx.device).scatter_(
+        -1, idx.long(), valid)
+
+
+def compare(got, ref) -> dict:
+    a, b = kept_mask(*got), kept_mask(*ref)
+    union = int((a | b).sum())
+    return dict(diff_rows=int((a != b).any(-1).sum()),
+                jaccard=int((a & b).sum()) / union if union else 1.0,
+                density_ratio=int(a.sum()) / max(1, int(b.sum())))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq-lens", default="32768,131072")
-    p.add_argument("--tj", default="32,64,128")
-    p.add_argument("--warps", default="4,8")
-    p.add_argument("--stages", default="1,2")
+    p.add_argument("--variants", default=",".join(ps.SEARCH_VARIANTS))
+    p.add_argument("--tj", default="64")
+    p.add_argument("--tb", default="64", help="the mass pass's and pass B's tile widths")
+    p.add_argument("--warps", default="4")
+    p.add_argument("--stages", default="1")
+    p.add_argument("--mass-floor", type=float, default=FlashPrefillConfig().mass_floor)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=None)
     args = p.parse_args()
     cfg = FlashPrefillConfig()
-    current = ps._launch_config(cfg.block_size, 128)
+    current = (ps.SEARCH_VARIANT, ps._launch_config(cfg.block_size, 128))
     rows = []
     for S in map(int, args.seq_lens.split(",")):
         q, k, _ = planted_qkv(1, 32, 8, S, 128, seed=0, dtype=torch.bfloat16, device="cuda")
         scale = q.shape[-1] ** -0.5
         sel = (scale, cfg.block_size, cfg.alpha, cfg.sink_blocks, cfg.window_blocks,
                cfg.last_dense_blocks)
-        ref_num, ref_idx = ps.pattern_search_reference(q, k, *sel)
+        ref = ps.pattern_search_reference(q, k, *sel)
+        ref_mass = ps.pattern_search_reference(q, k, *sel, mass_floor=args.mass_floor)
         original = ps._launch_config
-        for tj, warps, stages in itertools.product(
-                map(int, args.tj.split(",")), map(int, args.warps.split(",")),
+        for variant, tj, tb, warps, stages in itertools.product(
+                args.variants.split(","), map(int, args.tj.split(",")),
+                map(int, args.tb.split(",")), map(int, args.warps.split(",")),
                 map(int, args.stages.split(","))):
-            launch = dict(TJ=tj, num_warps=warps, num_stages=stages)
+            launch = dict(TJ=tj, TB=tb, num_warps=warps, num_stages=stages)
             ps._launch_config = lambda *a, launch=launch: launch
+            guarded = dict(mass_floor=args.mass_floor, return_mass=True)
             try:
-                num, idx = ps.pattern_search(q, k, *sel)
-                diff_rows = int((num != ref_num).sum())
-                same_count = num == ref_num
-                kept_diff = int(((idx != ref_idx) & same_count[..., None]).any(-1).sum())
-                ms, spread = cuda_time(lambda: ps.pattern_search(q, k, *sel), args.reps)
-                row = dict(S=S, **launch, ms=ms, spread=spread, diff_rows=diff_rows,
-                           kept_diff=kept_diff, current=launch == current)
+                row = dict(S=S, variant=variant, **launch,
+                           current=(variant, launch) == current)
+                row.update(compare(ps.pattern_search(q, k, *sel, variant=variant), ref))
+                got = ps.pattern_search(q, k, *sel, variant=variant, **guarded)[:2]
+                row.update({f"mass_{key}": v for key, v in compare(got, ref_mass).items()})
+                row["ms"], row["spread"] = cuda_time(
+                    lambda: ps.pattern_search(q, k, *sel, variant=variant), args.reps)
+                row["mass_ms"], _ = cuda_time(
+                    lambda: ps.pattern_search(q, k, *sel, variant=variant, **guarded),
+                    args.reps)
             except Exception as e:  # noqa: BLE001 (a config that fails to compile is reported)
-                row = dict(S=S, **launch, error=f"{type(e).__name__}: {e}"[:200])
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
             finally:
                 ps._launch_config = original
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del q, k, ref_num, ref_idx
+        q = k = ref = ref_mass = None   # free the length's tensors
         torch.cuda.empty_cache()
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "tune_search.json"), "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "rows": rows}, f, indent=1)
-    print(f"\nS | TJ | warps | stages | search ms | rows differing from the reference")
+    print("\n| S | variant | TJ | TB | warps | stages | search ms | with mass guard ms | rows differing "
+          "/ Jaccard vs reference | guarded: rows / Jaccard |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        head = (f"| {r['S']} | {r['variant']} | {r['TJ']} | {r['TB']} | {r['num_warps']} | "
+                f"{r['num_stages']}")
         if "error" in r:
-            print(f"{r['S']} | {r['TJ']} | {r['num_warps']} | {r['num_stages']} | failed: "
-                  f"{r['error'][:60]}")
+            print(f"{head} | failed: {r['error'][:80]} | | | |")
         else:
-            print(f"{r['S']} | {r['TJ']} | {r['num_warps']} | {r['num_stages']} | "
-                  f"{r['ms']:.3f} | {r['diff_rows']} count, {r['kept_diff']} set"
+            print(f"{head} | {r['ms']:.3f} | {r['mass_ms']:.3f} | {r['diff_rows']} / "
+                  f"{r['jaccard']:.5f} | {r['mass_diff_rows']} / {r['mass_jaccard']:.5f} |"
                   + (" (current)" if r["current"] else ""))
 
 

@@ -2,7 +2,8 @@
 defines what it computes:
 
 * ``block_means``: mean key (and value) of every key block;
-* ``pattern_search``: the block selection (scores, threshold, compaction);
+* ``pattern_search``: the block selection (scores, threshold, compaction), its device
+  functions in ``search_tiles``;
   ``search_reference``: its plain-torch reference, the whole selection rule (spans included);
 * ``block_sparse_attention``: online-softmax attention over the kept blocks (its reference in
   ``block_sparse_reference``); ``block_sparse_attention_tma``: variants of it for tuning on

@@ -23,7 +23,10 @@ writing a (B, H, M, M) score tensor, sorting or taking a top-k:
 
 Cost: one tensor-core dot per (query block, key block) pair, one exp per (query row, key block),
 and a write + read of the row's scores parked in the row's own kv_indices storage (pass A to
-pass B below), instead of scoring every row twice.
+pass B below), instead of scoring every row twice. Interior tiles (every block scored, every row
+valid) skip the masks and fold the scale into exp2's argument; running maxima and the mass
+guard's sums are kept per tile lane and reduced once per row; the passes that read the parked
+scores back take 4 x wider tiles. The device functions live in ``search_tiles``.
 
 Logits accumulate in fp32. For fp16/bf16 q the key means are rounded once to q's dtype
 (the reference rounds them the same way); fp32 q uses an ieee fp32 dot, so fp32 selections
@@ -39,6 +42,8 @@ import triton
 import triton.language as tl
 
 from .block_means import block_means
+from .search_tiles import (_full_tile_log2_scores, _guard_offset, _park, _span_row,
+                           _tile_log2_scores)
 # The reference lives in search_reference.py; its entry points are importable from here too.
 from .search_reference import (GUARD_RATIO, GUARD_RUNGS, block_scores_reference,  # noqa: F401
                                guard_rungs, guarded_choice, pattern_search_reference,
@@ -47,118 +52,16 @@ from .utils import LOG2E, Span, cdiv, check_kernel_dtype, interpreting, launcher
 
 
 @triton.jit
-def _tile_log2_scores(qt, kmean_row, j0, j_lo, n_cols, row_ok, qk_scale, ks, ke,
-                      D: tl.constexpr, DP: tl.constexpr, TJ: tl.constexpr,
-                      IEEE: tl.constexpr, SPAN: tl.constexpr, BLOCK: tl.constexpr):
-    """log2 score_ij of key blocks j0 .. j0 + TJ for one query block; -inf for j >= n_cols
-    (and, with SPAN, for j < j_lo). With SPAN each score is weighted by the block's share of
-    valid keys [ks, ke) (a block of 2 valid keys holds about 2 / BLOCK of a full block's mass;
-    without a span every scored block is full).
-
-    qt: (DP, BLOCK) the query rows, transposed (padding rows and dims 0); kmean_row: this
-    (batch, kv head)'s key means (M, D) in q's dtype (fp32 for fp32 q). qk_scale =
-    scale * log2(e). Returns (TJ,) fp32: m_j + log2 sum_r 2^(l_jr - m_j), m_j the max real
-    logit of key block j.
-
-    The logits are computed transposed, key blocks x query rows, so that every reduction runs
-    along axis 1, the axis a tensor-core tile keeps inside one warp; the max is per key block
-    (not per tile), which needs no reduction across key blocks.
-    """
-    js = j0 + tl.arange(0, TJ)
-    d = tl.arange(0, DP)
-    col_ok = js < n_cols
-    if SPAN:
-        col_ok &= js >= j_lo
-    km = tl.load(kmean_row + js[:, None] * D + d[None, :],
-                 mask=col_ok[:, None] & (d < D)[None, :], other=0.0)      # (TJ, DP)
-    if IEEE:
-        logits = tl.dot(km, qt, input_precision="ieee")
-    else:
-        logits = tl.dot(km, qt)
-    logits = tl.where(col_ok[:, None] & row_ok[None, :], logits * qk_scale, float("-inf"))
-    m = tl.max(logits, axis=1)
-    # A masked key block has m = -inf; 0 keeps its exps at 0 instead of NaN (its score: -inf).
-    m = tl.where(m == float("-inf"), 0.0, m)
-    ls = m + tl.log2(tl.sum(tl.exp2(logits - m[:, None]), axis=1))
-    if SPAN:
-        count = tl.minimum(ke, (js + 1) * BLOCK) - tl.maximum(ks, js * BLOCK)
-        ls += tl.log2(tl.maximum(count, 1).to(tl.float32) / BLOCK)
-    return ls
-
-
-@triton.jit
-def _guard_offset(scores_row, mass_out, best, has_nan, log2_alpha, mass_floor, j_lo, score_end,
-                  t_lo, n_tiles, sink_hi, window_lo, TJ: tl.constexpr, RUNGS: tl.constexpr,
-                  RP: tl.constexpr, LOG2_RATIO: tl.constexpr, SPAN: tl.constexpr):
-    """The mass guard for one head's row: log2 of the chosen rung's relative threshold.
-
-    scores_row: the row's parked log2 scores (blocks j < score_end, and j >= j_lo with SPAN,
-    in tiles t_lo .. n_tiles - 1); best: their max. Rung c keeps
-    blocks with log2 score >= best + log2(alpha) + c * LOG2_RATIO, the last rung every block,
-    sinks and window always. The weights 2^(ls - best) are the scores normalised by the row's
-    best, so the shares equal those of ``guarded_choice``. Writes the chosen rung's kept share
-    (1 when nothing is scored or a score is NaN).
-    """
-    # Pass A's stores must be visible to every thread before they are read back.
-    tl.debug_barrier()
-    cs = tl.arange(0, RP)
-    rel = tl.where(cs < RUNGS - 1, log2_alpha + cs.to(tl.float32) * LOG2_RATIO, float("-inf"))
-    total = tl.zeros([], dtype=tl.float32)
-    kept = tl.zeros([RP], dtype=tl.float32)
-    for t in range(t_lo, n_tiles):
-        js = t * TJ + tl.arange(0, TJ)
-        scored = js < score_end
-        if SPAN:
-            scored &= js >= j_lo
-        ls = tl.load(scores_row + js, mask=scored, other=0).to(tl.float32, bitcast=True)
-        w = tl.where(scored & (ls == ls), tl.exp2(ls - best), 0.0)
-        always = (js < sink_hi) | (js > window_lo) | (ls != ls)
-        passes = (ls[:, None] >= best + rel[None, :]) | always[:, None]
-        kept += tl.sum(w[:, None] * passes.to(tl.float32), axis=0)
-        total += tl.sum(w, axis=0)
-    ok = (kept >= mass_floor * total) | (cs >= RUNGS - 1)
-    c_star = tl.min(tl.where(ok, cs, RP), axis=0)
-    share = tl.sum(tl.where(cs == c_star, kept, 0.0), axis=0) / tl.maximum(total, 1e-38)
-    share = tl.where((total > 0) & (has_nan == 0), share, 1.0)
-    tl.store(mass_out, share)
-    return tl.max(tl.where(cs == c_star, rel, float("-inf")), axis=0)
-
-
-@triton.jit
-def _span_row(p0_ptr, ks_ptr, ke_ptr, r, S_q, last_dense_blocks, BLOCK: tl.constexpr):
-    """Selection row r of a call with a span (utils.Span), read on the device.
-
-    Returns the absolute query block i = p0 // BLOCK + r, its query rows (key position - p0)
-    and which of them score it (R: rows of this call that see a key), whether the row is dense
-    (i > L - last_dense_blocks) and its candidate key blocks C = [j_lo, j_end): the blocks
-    holding a valid key, j <= i; empty when R is or the batch row has no valid key.
-    """
-    p0 = tl.load(p0_ptr)
-    ks = tl.load(ks_ptr)
-    ke = tl.load(ke_ptr)
-    i = p0 // BLOCK + r
-    pos = i * BLOCK + tl.arange(0, BLOCK)
-    rows = pos - p0
-    row_ok = (rows >= 0) & (rows < S_q) & (pos >= ks)
-    live = ((tl.maximum(tl.maximum(i * BLOCK, p0), ks) < tl.minimum(i * BLOCK + BLOCK, p0 + S_q))
-            & (ke > ks))
-    j_lo = ks // BLOCK
-    j_end = tl.where(live, tl.minimum(i, (ke - 1) // BLOCK) + 1, j_lo)
-    # The last query block with keys: past the key end (right padding) every block is dense.
-    dense_row = i > (tl.minimum(ke, p0 + S_q) - 1) // BLOCK - last_dense_blocks
-    return i, rows, row_ok, dense_row, j_lo, j_end
-
-
-@triton.jit
 def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr, p0_ptr, ks_ptr, ke_ptr,
                            col_ptr, diag_ptr, sqb, sqh, sqs, sqd,
                            S, M, H, Hkv, G, qk_scale, log2_alpha, mass_floor, I_LO, I_STEP, NR,
                            sink_blocks, window_blocks, last_dense_blocks,
                            BLOCK: tl.constexpr, D: tl.constexpr, DP: tl.constexpr,
-                           TJ: tl.constexpr, GROUP: tl.constexpr, GP: tl.constexpr,
+                           TJ: tl.constexpr, TB: tl.constexpr, GROUP: tl.constexpr,
+                           GP: tl.constexpr,
                            IEEE: tl.constexpr, MASS: tl.constexpr, RUNGS: tl.constexpr,
                            RP: tl.constexpr, LOG2_RATIO: tl.constexpr, SPAN: tl.constexpr,
-                           VS: tl.constexpr):
+                           VS: tl.constexpr, FULL: tl.constexpr):
     """One program per (query block i, batch * head unit); a unit is GROUP query heads.
 
     GROUP = 1: each query head gets its own kept set. GROUP = G: the heads of one kv group get
@@ -230,6 +133,12 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr, p0_ptr,
         scored_hi = tl.where(dense_row, j_lo, tl.minimum(i, j_end))
         n_tiles_a = tl.where(scored_hi > j_lo, (scored_hi + TJ - 1) // TJ, 0)
         score_end = scored_hi
+    # Pass A's interior tiles (t < n_full: every block scored, every row valid) take the
+    # unmasked path; the last, partial tile (and every tile with a span, fp32 or FULL off) the
+    # masked one.
+    n_full = t_lo
+    if FULL:
+        n_full = tl.where((i + 1) * BLOCK <= S, tl.minimum(score_end // TJ, n_tiles_a), t_lo)
     row_out = ((b * H + h0) * NR + r) * M      # int64: b is
     HEAD = (b * 0 + NR) * M  # one head's rows in num / idx (NR x M), int64; NR may be constexpr 1
 
@@ -239,22 +148,25 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr, p0_ptr,
     thr_vec = tl.full([GP], float("-inf"), tl.float32)
     for g in range(GROUP):
         qt = tl.trans(tl.load(q_head + g * sqh, mask=q_msk, other=0.0))
-        best = tl.full([], float("-inf"), tl.float32)
-        has_nan = tl.zeros([], dtype=tl.int32)
-        for t in range(t_lo, n_tiles_a):
+        best_v = tl.full([TJ], float("-inf"), tl.float32)
+        nan_v = tl.zeros([TJ], dtype=tl.int32)
+        for t in range(t_lo, n_full):
+            ls = _full_tile_log2_scores(qt, kmean_row, t * TJ, qk_scale, D, DP, TJ)
+            best_v, nan_v = _park(idx_ptr + row_out + g * HEAD, ls, t * TJ + tl.arange(0, TJ),
+                                  score_end, best_v, nan_v)
+        for t in range(n_full, n_tiles_a):
             ls = _tile_log2_scores(qt, kmean_row, t * TJ, j_lo, score_end, row_ok, qk_scale,
                                    ks_b, ke_b, D, DP, TJ, IEEE, SPAN, BLOCK)
-            js = t * TJ + tl.arange(0, TJ)
-            tl.store(idx_ptr + row_out + g * HEAD + js, ls.to(tl.int32, bitcast=True),
-                     mask=js < score_end)
-            isnan = ls != ls
-            has_nan = tl.maximum(has_nan, tl.max(isnan.to(tl.int32), axis=0))
-            best = tl.maximum(best, tl.max(tl.where(isnan, float("-inf"), ls), axis=0))
+            best_v, nan_v = _park(idx_ptr + row_out + g * HEAD, ls, t * TJ + tl.arange(0, TJ),
+                                  score_end, best_v, nan_v)
+        best = tl.max(best_v, axis=0)
+        has_nan = tl.max(nan_v, axis=0)
         offset = log2_alpha
         if MASS:
             offset = _guard_offset(idx_ptr + row_out + g * HEAD, mass_ptr + (
                 (b * H + h0 + g) * NR + r), best, has_nan, log2_alpha, mass_floor, j_lo,
-                score_end, t_lo, n_tiles_a, sink_hi, window_lo, TJ, RUNGS, RP, LOG2_RATIO, SPAN)
+                score_end, j_lo // TB, tl.where(n_tiles_a > 0, (score_end + TB - 1) // TB, 0),
+                sink_hi, window_lo, TB, RUNGS, RP, LOG2_RATIO, SPAN)
         # The reference's row max is NaN when any score is: then every block is kept.
         thr = tl.where(has_nan != 0, float("-inf"), offset + best)
         thr_vec = tl.where(gs == g, thr, thr_vec)
@@ -263,11 +175,11 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr, p0_ptr,
 
     # Pass B: threshold tile by tile and append kept indices, ascending, in place.
     count = tl.zeros([], dtype=tl.int32)
-    b_tiles = (i + TJ) // TJ
+    b_tiles = (i + TB) // TB
     if SPAN:
-        b_tiles = (j_end + TJ - 1) // TJ
-    for t in range(t_lo, b_tiles):
-        js = t * TJ + tl.arange(0, TJ)
+        b_tiles = (j_end + TB - 1) // TB
+    for t in range(j_lo // TB, b_tiles):
+        js = t * TB + tl.arange(0, TB)
         keep = (js < sink_hi) | (js > window_lo)
         scored = js < scored_hi
         if SPAN:
@@ -307,15 +219,39 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr, p0_ptr,
         tl.store(num_ptr + ((b * H + h0 + g) * NR + r), count)
 
 
+# Pass A's tiles, name -> constexprs: "full" scores interior tiles unmasked
+# (``_full_tile_log2_scores``); "masked" scores every tile through the masked path, as before
+# that path existed (an A/B control for benchmarks/tune_search.py).
+SEARCH_VARIANTS = {"masked": dict(FULL=False), "full": dict(FULL=True)}
+SEARCH_VARIANT = "full"
+
+
+def _variant(name: str | None, q: torch.Tensor, scale: float, span) -> dict:
+    """The constexprs of search variant ``name`` (None: SEARCH_VARIANT) for this call: the
+    interior path needs 16-bit q (fp32 keeps the reference's ieee arithmetic bit for bit), no
+    span and a positive scale (the max is taken before scaling)."""
+    name = SEARCH_VARIANT if name is None else name
+    if name not in SEARCH_VARIANTS:
+        raise ValueError(f"pattern_search: variant must be one of {sorted(SEARCH_VARIANTS)}, "
+                         f"got {name!r}")
+    flags = dict(SEARCH_VARIANTS[name])
+    if q.dtype == torch.float32 or span is not None or not scale > 0:
+        flags = dict(SEARCH_VARIANTS["masked"])
+    return flags
+
+
 def _launch_config(block_size: int, head_dim_p2: int) -> dict:
-    """Tile width in key blocks and launch options (fixed; no autotune, so it also interprets)."""
+    """Tile widths in key blocks (TJ: pass A's scoring; TB: the mass pass and pass B, which read
+    the parked scores) and launch options (fixed; no autotune, so it also interprets)."""
     if interpreting():
-        # Small tiles so that the CPU tests cross several tiles per row.
-        return dict(TJ=16, num_warps=4, num_stages=1)
+        # Small tiles so that the CPU tests cross several tiles per row (TB != TJ on purpose).
+        return dict(TJ=16, TB=32, num_warps=4, num_stages=1)
     # Measured on the H200 at block 128, D 128 (benchmarks/tune_search.py, RESULTS.md run 10):
     # TJ 64 with one warp group and no pipelining was fastest at 32K and 128K.
+    # The passes that read the parked scores back take 4 x wider tiles (run 51: the guarded
+    # search 1.99 -> 1.71 ms at 128K with TB 256).
     tj = 64 if block_size * head_dim_p2 <= 128 * 128 else 32
-    return dict(TJ=tj, num_warps=4, num_stages=1)
+    return dict(TJ=tj, TB=4 * tj, num_warps=4, num_stages=1)
 
 
 def _check_span(span: Span, B: int, device) -> None:
@@ -353,7 +289,8 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
                    gqa_shared: bool = False, kmean: torch.Tensor | None = None,
                    mass_floor: float = 0.0, return_mass: bool = False,
                    rows: tuple[int, int, int] | None = None, span: Span | None = None,
-                   vs_blocks: tuple[torch.Tensor, torch.Tensor] | None = None):
+                   vs_blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   variant: str | None = None):
     """FlashPrefill block selection in FlexAttention's compact layout.
 
     q (B, H, S, D), k (B, Hkv, S, D), H % Hkv == 0, fp16/bf16/fp32, any strides.
@@ -377,6 +314,7 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
     before the GQA union (``select_mask_reference(..., vertical_slash=True)``), with no dense
     (B, H, M, M) mask in between. The mass is the selection's before that addition. Combines
     with ``rows`` (i stays the absolute block), not with a span (the reference refuses it).
+    variant: a key of ``SEARCH_VARIANTS`` (None: ``SEARCH_VARIANT``), for A/B measurements.
     """
     check_kernel_dtype(q, "pattern_search")
     B, H, S, D = q.shape
@@ -417,5 +355,6 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
         BLOCK=block_size, D=D, DP=DP, GROUP=group, GP=triton.next_power_of_2(group),
         IEEE=q.dtype == torch.float32, MASS=use_mass, RUNGS=GUARD_RUNGS,
         RP=triton.next_power_of_2(GUARD_RUNGS), LOG2_RATIO=math.log2(GUARD_RATIO),
-        SPAN=span is not None, VS=flags is not None, **_launch_config(block_size, DP))
+        SPAN=span is not None, VS=flags is not None, **_variant(variant, q, scale, span),
+        **_launch_config(block_size, DP))
     return (num, idx, mass) if return_mass else (num, idx)

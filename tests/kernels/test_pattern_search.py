@@ -291,3 +291,24 @@ def test_rows_outside_the_query_blocks_are_refused(rows):
     q, k = aligned_qk(1, 2, 1, 200, 16, torch.float32)
     with pytest.raises(ValueError, match="rows="):
         pattern_search(q, k, 0.25, 16, 0.3, 1, 1, 1, rows=rows)
+
+
+@pytest.mark.parametrize("S,D", [(600, 32), (590, 24)], ids=["S600-D32", "S590-D24-partial"])
+@pytest.mark.parametrize("guard", [0.0, 0.8], ids=["paper", "mass_guard"])
+def test_interior_tiles_take_the_unmasked_path_with_the_same_selection(S, D, guard):
+    """fp16 rows of 38 key blocks cross interior tiles (TJ 16 in the interpreter) and a partial
+    last one; both search variants give the reference's selection (and the same masses)."""
+    from fp_compile.kernels import pattern_search as ps
+
+    q, k = aligned_qk(1, 2, 1, S, D, torch.float16, seed=3)
+    sel = (D ** -0.5, 16, 0.5, 1, 2, 1)
+    extra = dict(mass_floor=guard, return_mass=True)
+    expected = pattern_search_reference(q, k, *sel, **extra)
+    for variant in ("full", "masked"):
+        num, idx, mass = pattern_search(q, k, *sel, variant=variant, **extra)
+        assert_same_selection((num, idx), expected[:2])
+        assert_close(mass, expected[2], atol=1e-5, rtol=1e-4)
+    if guard == 0.0:
+        assert density(num, idx.shape[-1]) < 0.8, "the input should make the threshold drop blocks"
+    with pytest.raises(ValueError, match="variant must be one of"):
+        pattern_search(q, k, *sel, variant="fast")
