@@ -67,10 +67,10 @@ def run_config(name, q, k, v, num, idx, scale, bs, out=None):
                                           tile=tile, out=out)
 
 
-def inputs(S, cfg):
+def inputs(S, cfg, with_selection=False):
     q, k, v = planted_qkv(1, 32, 8, S, 128, seed=0, dtype=torch.bfloat16, device="cuda")
     sel = select_blocks(q, k, config=cfg)
-    return q, k, v, sel.kv_num_blocks, sel.kv_indices
+    return (q, k, v, sel.kv_num_blocks, sel.kv_indices) + ((sel,) if with_selection else ())
 
 
 def probe(names) -> None:
@@ -126,8 +126,8 @@ def cudnn(q, k, v):
         q, k, v, None, False, 0.0, True, False, scale=q.shape[-1] ** -0.5)[0]
 
 
-def bench_length(S, cfg, names, args, emit):
-    q, k, v, num, idx = inputs(S, cfg)
+def bench_length(S, cfg, names, args, emit, flex=None):
+    q, k, v, num, idx, sel = inputs(S, cfg, with_selection=True)
     bs, D, H = cfg.block_size, q.shape[-1], q.shape[1]
     scale = D ** -0.5
     reps = max(5, min(args.reps, int(1.6e6 / S)))
@@ -143,6 +143,23 @@ def bench_length(S, cfg, names, args, emit):
     cudnn_rate = dense_flops / cudnn_ms
     poison_allocator(q)
     expected = block_sparse_attention(q, k, v, num, idx, scale, bs)
+    flex_ms = None
+    if flex is not None:
+        # FlexAttention on the same blocks (the selection's BlockMask), checked against the
+        # existing kernel's output before it is timed.
+        bm = sel.to_block_mask()
+        poison_allocator(q)
+        out = flex(q, k, v, block_mask=bm, enable_gqa=True, scale=scale)
+        row = {**base, "config": "flex", "finite": bool(out.isfinite().all()),
+               "rel_l2_vs_existing": rel_err(out, expected)}
+        del out
+        row["ms"], row["spread_ms"] = cuda_time(
+            lambda: flex(q, k, v, block_mask=bm, enable_gqa=True, scale=scale), reps)
+        row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+        row["share_of_cudnn_rate"] = flops / row["ms"] / cudnn_rate
+        flex_ms = row["ms"]
+        emit(row)
+    del sel
     default_ms = None
     for name in names:
         row = {**base, "config": name, "variant": parse(name)[0], "tile": parse(name)[1]}
@@ -161,6 +178,8 @@ def bench_length(S, cfg, names, args, emit):
                 default_ms = row["ms"]
             if default_ms:
                 row["speedup_vs_existing_fixed"] = default_ms / row["ms"]
+            if flex_ms:
+                row["speedup_vs_flex"] = flex_ms / row["ms"]
         except Exception as e:  # noqa: BLE001 - one failing config must not lose the run
             row["error"] = f"{type(e).__name__}: {e}"[:500]
             traceback.print_exc()
@@ -173,6 +192,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--configs", default="", help="';'-separated VARIANT:BM,BN,W,S (default all)")
     p.add_argument("--out", default="bench_out")
+    p.add_argument("--flex", action="store_true", help="also time FlexAttention (compiled) on "
+                   "the same BlockMask")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.probe is not None:
@@ -196,18 +217,23 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     cfg = FlashPrefillConfig()
+    flex = None
+    if args.flex:
+        from torch.nn.attention.flex_attention import flex_attention
+        flex = torch.compile(flex_attention, dynamic=False)
     for S in (int(s) for s in args.seq_lens.split(",")):
-        bench_length(S, cfg, usable, args, emit)
+        bench_length(S, cfg, usable, args, emit, flex)
         torch.cuda.empty_cache()   # the length's tensors died with bench_length's frame
     with open(os.path.join(args.out, "attn_variants.json"), "w") as f:
         json.dump({**meta, "probe": status, "rows": rows}, f, indent=1)
-    print("\n| S | config | ms | kept TFLOP/s | x cuDNN rate | x existing | rel L2 |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| S | config | ms | kept TFLOP/s | x cuDNN rate | x existing | x Flex | rel L2 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "ms" in r:
             print(f"| {r['S']} | {r['config']} | {r['ms']:.3f} | {r['tflops']:.0f} | "
                   f"{r.get('share_of_cudnn_rate', 1.0):.2f} | "
                   f"{r.get('speedup_vs_existing_fixed', float('nan')):.3f} | "
+                  f"{r.get('speedup_vs_flex', float('nan')):.2f} | "
                   f"{r.get('rel_l2_vs_existing', 0.0):.1e} |")
 
 
