@@ -9,8 +9,8 @@ here, so a call's route is ops -> dispatch -> kernels and the config travels as 
   (``select_blocks`` and stats use it; defined in ``selection.py`` with ``Selection``,
   ``use_triton`` and ``vs_flags``, re-exported here);
 * ``probe(...)``: the dense decision, per kv group, from the selection of about
-  ``PROBE_ROWS`` evenly spaced query blocks (read on the host; skipped during CUDA-graph
-  capture), taken before the full search so a call that runs dense does not pay for it;
+  ``PROBE_ROWS`` evenly spaced query blocks (read on the host, not during CUDA-graph capture),
+  taken before the full search; ``dense_history`` guesses the decision from earlier calls;
 * ``sparse_chunks(...)``: select and attend a chunk of query blocks at a time, so the index
   memory stays within ``INDEX_BYTES`` whatever the length;
 * ``dense(q, k, v, scale)``: the dense causal path (cuDNN on Hopper);
@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dense_history as history
+from .dense_history import dense_groups, host_flags  # noqa: F401 (dense_groups re-exported)
 from . import fp8
 from .config import FlashPrefillConfig
 from .kernels import utils as ku
@@ -43,12 +44,6 @@ from .kernels.block_sparse_attention import block_sparse_attention_reference
 from .selection import Selection, select, select_mask, use_triton, vs_flags  # noqa: F401
 
 _observers: list[Callable] = []
-
-# When more than this share of a call's kv groups is above ``dense_above``, the whole call runs
-# dense: on the H200 (RESULTS.md run 13, 8K tokens) a sparse call plus a dense call for 24 of 32
-# heads took 1.67 ms where one dense call took 0.88 ms.
-MOSTLY_DENSE = 0.5
-
 
 @contextlib.contextmanager
 def observe(fn: Callable) -> Iterator[None]:
@@ -176,25 +171,6 @@ def _search_rows(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPr
     return Selection(num, idx, mass[0] if mass else None)
 
 
-def dense_groups(num: torch.Tensor, num_kv_heads: int, dense_above: float,
-                 rows: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """(B, Hkv) bool, on num's device: the kv groups that run dense.
-
-    num: kv_num_blocks (B, H, n) of the query blocks ``rows`` (start, step, n; all M blocks
-    when None). A group runs dense when its kept density over those rows (kept blocks over
-    causal blocks, all its query heads) is above ``dense_above``; every group does when more
-    than ``MOSTLY_DENSE`` of them would.
-    """
-    B, H, n = num.shape
-    start, step, _ = rows if rows is not None else (0, 1, n)
-    # causal blocks of the rows: sum over c of (start + c * step + 1)
-    causal = n * (start + 1) + step * n * (n - 1) // 2
-    kept = num.to(torch.float32).sum(dim=-1).view(B, num_kv_heads, H // num_kv_heads).mean(-1)
-    flags = kept > dense_above * causal
-    # Mostly dense: one dense call beats a sparse call plus dense calls on the rest.
-    return flags | (flags.float().mean() > MOSTLY_DENSE)
-
-
 def dense_groups_of(num: torch.Tensor, num_kv_heads: int, dense_above: float) -> torch.Tensor:
     """``dense_groups`` from a whole selection's kv_num_blocks (B, H, M): read at the probe
     rows, as ``probe`` reads them."""
@@ -206,28 +182,14 @@ def probe(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillCo
           kmean: torch.Tensor | None = None, ahead: Optional[Callable] = None, vs_blocks=None):
     """The dense decision, on the host: ((B, Hkv) bool flags, ahead() or None).
 
-    The flags come from the selection of the probe rows (``probe_rows``) with the Triton
-    search, copied to pinned host memory asynchronously; ``ahead`` (the first chunk's
-    selection, which the sparse path needs) is queued behind the copy before the host waits,
-    so the GPU works through the host's wait: a sparse call loses only the probe (about
-    PROBE_ROWS / M of the search), a dense call the probe and ``ahead``'s work. ``vs_blocks``:
-    the call's vertical/slash flags, whose blocks count in the density as in the reference.
+    The flags come from the probe rows' selection (``probe_rows``), read through ``host_flags``
+    with ``ahead`` (the first chunk's selection) queued before the host waits: a sparse call
+    loses only the probe (about PROBE_ROWS / M of the search), a dense call the probe and
+    ``ahead``'s work. ``vs_blocks``: the call's vertical/slash flags (counted in the density).
     """
     rows = probe_rows(cdiv_blocks(q, config))
     num = _search_rows(q, k, scale, config, kmean, rows, vs_blocks=vs_blocks).num
-    flags_dev = dense_groups(num, k.shape[1], config.dense_above, rows)
-    ready = None
-    if q.device.type == "cuda":
-        flags = torch.empty(flags_dev.shape, dtype=torch.bool, pin_memory=True)
-        flags.copy_(flags_dev, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-    else:
-        flags = flags_dev
-    done = ahead() if ahead is not None else None
-    if ready is not None:
-        ready.synchronize()
-    return flags, done
+    return host_flags(dense_groups(num, k.shape[1], config.dense_above, rows), ahead)
 
 
 def cdiv_blocks(q: torch.Tensor, config: FlashPrefillConfig) -> int:
@@ -355,13 +317,15 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
             flags = dense_groups_of(sel.num, k.shape[1], config.dense_above).cpu()
         else:
             key = history.key(q, k, layer)
+            if step >= M and history.expect_sparse(key, q, config):
+                return _speculative_sparse(q, k, v, scale, config, kmean, vmean, vs, key)
             if history.expect_dense(key, q, config):
                 flags, ahead_dense = probe(q, k, scale, config, kmean, vs_blocks=vs,
                                            ahead=lambda: dense(q, k, v, scale))
             else:
                 flags, first = probe(q, k, scale, config, kmean, ahead=lambda: first_selection(
                     q, k, scale, config, kmean, config.collect_stats, vs), vs_blocks=vs)
-            history.remember(key, bool(flags.all()))
+            history.remember(key, flags)
     all_dense = flags is not None and bool(flags.all())
     if all_dense and not config.collect_stats:
         # cuDNN already queued behind the probe, or launched now
@@ -376,6 +340,18 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
     if config.collect_stats:
         _record(layer, q, k, config, sel, flags)
     return out
+
+
+def _speculative_sparse(q, k, v, scale, config: FlashPrefillConfig, kmean, vmean, vs, key):
+    """``run`` for a call expected to run block-sparse (``dense_history.expect_sparse``): the
+    whole selection, its probe rows' dense flags, the attention queued before the host reads
+    them; then the flagged groups run dense, as without the guess."""
+    sel = first_selection(q, k, scale, config, kmean, vs_blocks=vs)
+    flags, out = host_flags(dense_groups_of(sel.num, k.shape[1], config.dense_above),
+                            ahead=lambda: sparse(q, k, v, scale, config, sel.num, sel.idx,
+                                                 kmean, vmean))
+    history.remember(key, flags)
+    return _dense_runs(q, k, v, scale, flags, out) if bool(flags.any()) else out
 
 
 def _dense_runs(q, k, v, scale, flags: torch.Tensor, out: Optional[torch.Tensor],

@@ -375,3 +375,53 @@ def test_eager_16bit_calls_with_blocks_of_128_take_the_tma_attention(monkeypatch
     want = dispatch.reference(q.float(), k.float(), v.float(), None,
                               config.replace(kernel="reference"))
     assert rel_l2(out.float(), want) < 2e-3
+
+
+def test_repeated_sparse_calls_queue_the_attention_before_the_decision(monkeypatch):
+    # after SPARSE_STREAK decisions with no dense group for a key, the call skips the probe:
+    # the whole selection, then the attention, queued before the flags are read; same output
+    monkeypatch.setattr(dispatch, "PROBE_ROWS", 8)
+    q, k, v = planted_qkv(1, 4, 2, 1024, 32, seed=2, strength=2.0)
+    config = FlashPrefillConfig(**TRITON, dense_above=0.9)
+    calls = count_searches(monkeypatch)
+    outs = [flash_prefill(q, k, v, enable_gqa=True, config=config)
+            for _ in range(dense_history.SPARSE_STREAK)]
+    assert calls == [(3, 4, 8), None] * dense_history.SPARSE_STREAK, calls
+    calls.clear()
+    order = spy_calls(monkeypatch, dispatch, "sparse", lambda args, kwargs: len(calls))
+    out = flash_prefill(q, k, v, enable_gqa=True, config=config)
+    assert calls == [None], calls                       # no probe: the whole selection alone
+    assert order == [1]                                 # the attention, after that selection
+    assert torch.equal(out, outs[0])
+    want = dispatch.reference(q, k, v, None, config.replace(kernel="reference"))
+    assert_close(out, want, 2e-5, 2e-5)
+
+
+@pytest.mark.parametrize("dense_q", ["all", "one group"])
+def test_a_wrong_sparse_guess_gives_the_output_without_the_guess(monkeypatch, dense_q):
+    # two sparse calls, then a call of the same key whose groups run dense (all, or group 0):
+    # the speculative attention is overwritten where the flags say dense
+    monkeypatch.setattr(dispatch, "PROBE_ROWS", 8)
+    qs, ks, vs = planted_qkv(1, 4, 2, 1024, 32, seed=2, strength=2.0)
+    config = FlashPrefillConfig(**TRITON, dense_above=0.9)
+    for _ in range(dense_history.SPARSE_STREAK):
+        flash_prefill(qs, ks, vs, enable_gqa=True, config=config)
+    qr, kr, vr = random_qkv(H=4, Hkv=2, S=1024, seed=3)
+    if dense_q == "all":
+        q, k, v = qr, kr, vr
+    else:   # group 0 structure-less, group 1 planted
+        q = torch.cat([qr[:, :2], qs[:, 2:]], 1)
+        k, v = torch.cat([kr[:, :1], ks[:, 1:]], 1), torch.cat([vr[:, :1], vs[:, 1:]], 1)
+    dense_calls = spy_calls(monkeypatch, dispatch, "dense", lambda args, kwargs: args[0].shape[1])
+    attn = spy_calls(monkeypatch, dispatch, "sparse", lambda args, kwargs: args[0].shape[1])
+    out = flash_prefill(q, k, v, enable_gqa=True, config=config)
+    assert attn == [4], "the guess attends every head before the decision is read"
+    assert dense_calls == ([4] if dense_q == "all" else [2])
+    dense_history.clear()
+    again = flash_prefill(q, k, v, enable_gqa=True, config=config)
+    assert_close(out, again, 1e-6, 1e-6)
+    want = dispatch.reference(q, k, v, None, config.replace(kernel="reference"))
+    assert_close(out, want, 2e-5, 2e-5)
+    if dense_q == "all":
+        assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                               enable_gqa=True))

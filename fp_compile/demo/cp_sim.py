@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from .. import dispatch
+from .. import dense_history, dispatch
 from ..config import FlashPrefillConfig
 from ..kernels import utils as ku
 from . import cp_exchange as cx
@@ -126,7 +126,7 @@ def simulate(seq_len: int, ranks: list[int], shape: cx.Shape, configs: dict[str,
                 "config": c, "seq_len": seq_len, "ranks": R, "sharding": sh.name,
                 "groups_simulated": groups, "kv_heads": shape.kv_heads, "density": density,
                 "fallback_groups": a["dense_groups"],
-                "whole_call_dense": a["dense_groups"] > dispatch.MOSTLY_DENSE * groups,
+                "whole_call_dense": a["dense_groups"] > dense_history.MOSTLY_DENSE * groups,
                 "below_min_seq_len": seq_len < config.min_seq_len,
                 "bytes": traffic, "compute_ms": times,
                 "pull_counts": a["pull"][n], "push_counts": a["push"][n],
