@@ -157,3 +157,15 @@ def test_several_questions_each_answered_by_the_prompt_before_it(task, params):
 @pytest.mark.parametrize("task, params", CASES)
 def test_answer_len_matches_the_generator(task, params):
     assert len(ft.generate(task, 1, 300, **params).answer(0)) == ft.answer_len(task, **params)
+
+
+def test_answer_options_are_the_token_itself_and_a_set_s_members_not_yet_fed():
+    mask = torch.tensor([[0, 1, 1, 0, 1, 1, 1]] * 2, dtype=torch.bool)   # two answers per row
+    options = ft.answer_options(mask, torch.tensor([False, True]))
+    assert torch.equal(options[0], torch.eye(7, dtype=torch.bool))
+    later = {(1, 2), (4, 5), (4, 6), (5, 6)}                # within an answer, never across
+    expected = [[t == j or (t, j) in later for j in range(7)] for t in range(7)]
+    assert options[1].tolist() == expected
+    assert ft.is_set(torch.arange(len(ft.TASKS))).tolist() == [t in ft.SET_TASKS
+                                                                for t in ft.TASKS]
+

@@ -5,7 +5,10 @@ Every sample is one token sequence of ``seq_len`` tokens, the prompt followed by
     BOS TASK <body: haystack with the needles / statements / word list> QUERY TASK <q> <answer>
 
 The answer is what the model must produce after the question; training puts the loss on the answer
-tokens only and the evaluation scores a sample correct when every answer token is right.
+tokens only and the evaluation scores a sample correct when every answer token is right. The
+answers of ``SET_TASKS`` are sets: they are written in ascending token order (one canonical
+order, fed as the prefix when teacher-forced), but any order is right: at each answer position
+every member not yet fed is a right token (``answer_options``), in the loss and the score.
 Multi-key needles and variable tracking can ask ``n_queries`` questions in a row (each
 ``QUERY TASK q answer``, about different keys / chains): training does, for more answer
 tokens per sequence; the evaluation asks one.
@@ -15,15 +18,15 @@ Tasks (``TASKS``):
 * ``niah_multikey``: ``n_keys`` needles with distinct keys (the others are distractors); one
   key is asked for; answer its two value tokens.
 * ``niah_multivalue``: ``n_values`` needles ``NEEDLE k v`` share one key, plus
-  ``n_distract`` needles of other keys; ``q = k``; answer every value of ``k`` in ascending
-  token order (a canonical order: the exact match then scores the set, as RULER does).
+  ``n_distract`` needles of other keys; ``q = k``; answer every value of ``k`` (a set, in any
+  order; written in ascending token order), scored as a set as RULER does.
 * ``variable_tracking``: ``n_chains`` chains of ``hops + 1`` statements ``VAR v x1``,
   ``VAR x1 x2``, ... (``VAR a b``: b takes a's value, RULER's ``b = a``; a chain's statements
   in order, chains interleaved); ``q = v`` of the first chain; answer its variables
   ``x1 .. x_{hops+1}`` in chain order (every variable that holds ``v``).
 * ``common_words``: the body is a word list in which ``n_common`` words take ``common_frac`` of
   the positions each and the rest are drawn uniformly from the other words; no ``q``; answer
-  the common words in ascending token order.
+  the common words (a set, as for multi-value needles).
 
 Words are single tokens and the answer follows the question directly, so each lookup is a copy
 of what follows an earlier occurrence of the question's last token (what induction heads do):
@@ -66,6 +69,7 @@ class Vocab:
 
 VOCAB = Vocab()
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "common_words")
+SET_TASKS = ("niah_multivalue", "common_words")     # answers are sets of distinct tokens
 HAYSTACKS = ("noise", "repeat")
 PHRASE_LEN = (8, 64)        # the repeated haystack's phrase: 8 to 64 tokens, per row
 
@@ -105,6 +109,35 @@ class TaskBatch:
     def cat(batches: list["TaskBatch"]) -> "TaskBatch":
         return TaskBatch(*(torch.cat(parts) for parts in zip(
             *((b.tokens, b.answer_mask, b.task_ids, b.depth) for b in batches))))
+
+
+def is_set(task_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the rows of ``task_ids`` (into ``TASKS``) whose answer is a set."""
+    ids = torch.tensor([TASKS.index(t) for t in SET_TASKS], device=task_ids.device)
+    return torch.isin(task_ids, ids)
+
+
+def answer_options(mask: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) bool: ``[b, t, j]`` is True when the token at position ``j`` is a right output
+    for position ``t`` (teacher-forced: position t predicts the token at t). That is ``j == t``
+    (always, on and off the answers), and for the rows ``sets`` (B,) marks, every later position
+    of the same answer: the members not yet fed, as the fed prefix is the canonical order.
+    ``mask`` (B, T) marks the answer tokens (``TaskBatch.answer_mask`` or a tail of it)."""
+    B, T = mask.shape
+    start = mask & ~torch.cat([mask.new_zeros(B, 1), mask[:, :-1]], dim=1)
+    span = start.cumsum(1)                                  # answer number, on the answers
+    at = torch.arange(T, device=mask.device)
+    same = (span[:, :, None] == span[:, None, :]) & mask[:, :, None] & mask[:, None, :]
+    later = (at[None, :] > at[:, None]) & sets[:, None, None]
+    return (same & later) | torch.eye(T, dtype=torch.bool, device=mask.device)
+
+
+def answer_hits(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                sets: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: ``pred`` (B, T), the argmax at each position, is a right output there
+    (``answer_options``) for the ``target`` tokens (B, T); False off ``mask``."""
+    options = answer_options(mask, sets)
+    return (options & (pred[:, :, None] == target[:, None, :])).any(-1) & mask
 
 
 class _Draw:
