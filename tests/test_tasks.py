@@ -169,3 +169,12 @@ def test_answer_options_are_the_token_itself_and_a_set_s_members_not_yet_fed():
     assert ft.is_set(torch.arange(len(ft.TASKS))).tolist() == [t in ft.SET_TASKS
                                                                 for t in ft.TASKS]
 
+
+def test_mixed_batch_deals_the_rows_left_over_to_every_task_in_turn():
+    # 4 rows over 5 tasks (the H200 preset's 32K stage): each task gets rows in some batches
+    seen = Counter()
+    for seed in range(20):
+        batch = ft.mixed_batch(4, 128, seed=seed)
+        assert len(batch) == 4 and len(set(batch.task_ids.tolist())) == 4
+        seen.update(batch.task_ids.tolist())
+    assert set(seen) == set(range(len(ft.TASKS))) and min(seen.values()) >= 8

@@ -40,9 +40,11 @@ curriculum now runs to 32K (run 49, the shipped weights): single needle 0.99-1.0
 0.98-1.00 and variable tracking 0.97-0.99 at 4K-32K; common words fell to 0.31-0.44 (0.86-0.94
 at 4K-8K in run 43; its training accuracy collapsed in the 32K stage) and multi-value stayed at
 0.02-0.08 (its answer is the sorted set of four values, a comparison on top of the lookup).
-Since then the set answers (``tasks.SET_TASKS``) take any order, in the loss (-log of the
-summed probability of the members not yet fed) and the score (``--ordered-sets`` trains them in
-order again).
+Two changes since: the set answers (``tasks.SET_TASKS``) take any order, in the loss (-log of
+the summed probability of the members not yet fed) and the score (``--ordered-sets`` trains
+them in order again); and the rows of a batch left over after an even deal go to tasks drawn
+per batch: a batch of 4 gave them to the first four tasks, so the 32K stage never held a
+common-words row (its training accuracy "collapsed" to 0 / 0 rows, and its score with it).
 
 At the end the dense model is scored per task at ``--eval-lengths`` (teacher-forced exact match,
 a set match for set answers: ``trained.evaluate``) and ``DIR/longctx.safetensors`` + ``DIR/longctx.json`` (ModelArgs,
