@@ -47,8 +47,9 @@ per batch: a batch of 4 gave them to the first four tasks, so the 32K stage neve
 common-words row (its training accuracy "collapsed" to 0 / 0 rows, and its score with it).
 
 At the end the dense model is scored per task at ``--eval-lengths`` (teacher-forced exact match,
-a set match for set answers: ``trained.evaluate``) and ``DIR/longctx.safetensors`` + ``DIR/longctx.json`` (ModelArgs,
-vocabulary, arguments, the training log, the accuracy table, versions, date) are written;
+a set match for set answers: ``trained.evaluate``) and ``DIR/longctx.safetensors`` +
+``DIR/longctx.json`` (ModelArgs, vocabulary, arguments, the training log, the accuracy table,
+versions, date) are written;
 copy both to ``fp_compile/demo/weights/`` to ship them. bf16 autocast on CUDA; AdamW.
 ``--compile`` compiles the loss step with Inductor (off by default).
 """
