@@ -44,13 +44,14 @@ Two changes since: the set answers (``tasks.SET_TASKS``) take any order, in the 
 the summed probability of the members not yet fed) and the score (``--ordered-sets`` trains
 them in order again); and the rows of a batch left over after an even deal go to tasks drawn
 per batch: a batch of 4 gave them to the first four tasks, so the 32K stage never held a
-common-words row (its training accuracy "collapsed" to 0 / 0 rows, and its score with it).
+common-words row: its training accuracy "collapsed" to 0 hits of 0 rows, and the last 10% of
+the budget trained without the task (likely why its score fell; not yet rerun).
 
 At the end the dense model is scored per task at ``--eval-lengths`` (teacher-forced exact match,
 a set match for set answers: ``trained.evaluate``) and ``DIR/longctx.safetensors`` +
 ``DIR/longctx.json`` (ModelArgs, vocabulary, arguments, the training log, the accuracy table,
-versions, date) are written;
-copy both to ``fp_compile/demo/weights/`` to ship them. bf16 autocast on CUDA; AdamW.
+versions, date) are written; copy both to ``fp_compile/demo/weights/`` to ship them. bf16
+autocast on CUDA; AdamW.
 ``--compile`` compiles the loss step with Inductor (off by default).
 """
 
