@@ -6,9 +6,11 @@ Every sample is one token sequence of ``seq_len`` tokens, the prompt followed by
 
 The answer is what the model must produce after the question; training puts the loss on the answer
 tokens only and the evaluation scores a sample correct when every answer token is right. The
-answers of ``SET_TASKS`` are sets: they are written in ascending token order (one canonical
-order, fed as the prefix when teacher-forced), but any order is right: at each answer position
-every member not yet fed is a right token (``answer_options``), in the loss and the score.
+answers of ``SET_TASKS`` are sets, written in a random order per row (the prefix fed when
+teacher-forced) and right in any order: at each answer position every member not yet fed is a
+right token (``answer_options``), in the loss and the score. Not in ascending order: then the
+largest member is never fed before the last position, and a model that always emits it (seen
+on CPU) is right at every position, yet repeats itself when it generates.
 Multi-key needles and variable tracking can ask ``n_queries`` questions in a row (each
 ``QUERY TASK q answer``, about different keys / chains): training does, for more answer
 tokens per sequence; the evaluation asks one.
@@ -18,8 +20,8 @@ Tasks (``TASKS``):
 * ``niah_multikey``: ``n_keys`` needles with distinct keys (the others are distractors); one
   key is asked for; answer its two value tokens.
 * ``niah_multivalue``: ``n_values`` needles ``NEEDLE k v`` share one key, plus
-  ``n_distract`` needles of other keys; ``q = k``; answer every value of ``k`` (a set, in any
-  order; written in ascending token order), scored as a set as RULER does.
+  ``n_distract`` needles of other keys; ``q = k``; answer every value of ``k``, a set (scored
+  in any order, as RULER does).
 * ``variable_tracking``: ``n_chains`` chains of ``hops + 1`` statements ``VAR v x1``,
   ``VAR x1 x2``, ... (``VAR a b``: b takes a's value, RULER's ``b = a``; a chain's statements
   in order, chains interleaved); ``q = v`` of the first chain; answer its variables
@@ -121,7 +123,7 @@ def answer_options(mask: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
     """(B, T, T) bool: ``[b, t, j]`` is True when the token at position ``j`` is a right output
     for position ``t`` (teacher-forced: position t predicts the token at t). That is ``j == t``
     (always, on and off the answers), and for the rows ``sets`` (B,) marks, every later position
-    of the same answer: the members not yet fed, as the fed prefix is the canonical order.
+    of the same answer: the members not yet fed (the answer as written is the fed prefix).
     ``mask`` (B, T) marks the answer tokens (``TaskBatch.answer_mask`` or a tail of it)."""
     B, T = mask.shape
     start = mask & ~torch.cat([mask.new_zeros(B, 1), mask[:, :-1]], dim=1)
@@ -240,7 +242,7 @@ def niah_multivalue(draw, B, S, haystack="noise", n_values=4, n_distract=2) -> T
     item_keys = torch.cat([keys[:, :1].expand(B, n_values), keys[:, 1:]], dim=1)
     items = torch.stack([torch.full_like(values, VOCAB.needle), item_keys, values], dim=-1)
     start = _place(draw, body, items)
-    answer = values[:, :n_values].sort(dim=1).values
+    answer = values[:, :n_values]                           # a random order: distinct draws
     return _frame("niah_multivalue", body, keys[:, None, :1], answer[:, None],
                   start[:, :n_values].float().mean(1))
 
@@ -276,7 +278,8 @@ def common_words(draw, B, S, haystack="noise", n_common=3, common_frac=0.05) -> 
     at = draw.permutation(B, L)[:, :count * n_common]
     body.scatter_(1, at, common.repeat_interleave(count, dim=1))
     nan = torch.full((B,), float("nan"), device=body.device)
-    return _frame("common_words", body, body[:, None, :0], common[:, None], nan)
+    answer = common.gather(1, draw.permutation(B, n_common))   # a random order
+    return _frame("common_words", body, body[:, None, :0], answer[:, None], nan)
 
 
 _MAKERS = {"niah_single": lambda d, B, S, h, **p: niah(d, B, S, h, 1, "niah_single", **p),

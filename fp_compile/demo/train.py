@@ -40,9 +40,9 @@ curriculum now runs to 32K (run 49, the shipped weights): single needle 0.99-1.0
 0.98-1.00 and variable tracking 0.97-0.99 at 4K-32K; common words fell to 0.31-0.44 (0.86-0.94
 at 4K-8K in run 43; its training accuracy collapsed in the 32K stage) and multi-value stayed at
 0.02-0.08 (its answer is the sorted set of four values, a comparison on top of the lookup).
-Two changes since: the set answers (``tasks.SET_TASKS``) take any order, in the loss (-log of
-the summed probability of the members not yet fed) and the score (``--ordered-sets`` trains
-them in order again); and the rows of a batch left over after an even deal go to tasks drawn
+Two changes since: the set answers (``tasks.SET_TASKS``) are written in a random order and
+take any order, in the loss (-log of the summed probability of the members not yet fed) and the
+score; and the rows of a batch left over after an even deal go to tasks drawn
 per batch: a batch of 4 gave them to the first four tasks, so the 32K stage never held a
 common-words row: its training accuracy "collapsed" to 0 hits of 0 rows, and the last 10% of
 the budget trained without the task (likely why its score fell; not yet rerun).
@@ -128,9 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copy-len", type=int, help="tokens per copy row")
     p.add_argument("--copy-weight", type=float, help="weight of the copy rows' next-token loss")
     p.add_argument("--tasks", default=",".join(ft.TASKS), help="train on these tasks")
-    p.add_argument("--ordered-sets", action="store_true", help="train the set answers "
-                   "(tasks.SET_TASKS) in their canonical order with plain cross-entropy, as "
-                   "before the set loss (for comparison; the evaluation scores sets either way)")
     p.add_argument("--compile", action="store_true", help="torch.compile the loss step")
     return p
 
@@ -244,9 +241,8 @@ def train(args: argparse.Namespace) -> tuple[fm.Transformer, list[dict], dict]:
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step, progress)
         with amp:
-            sets = ft.is_set(batch.task_ids) & (not args.ordered_sets)
             total, loss, ok, right = step_fn(model, batch.tokens, batch.answer_mask,
-                                             args.lm_weight, sets)
+                                             args.lm_weight, ft.is_set(batch.task_ids))
             if args.copy_rows:
                 tokens, mask = ft.copy_batch(args.copy_rows, args.copy_len, device=device,
                                              seed=args.seed * 10 ** 7 + step + 5 * 10 ** 6)
