@@ -4,8 +4,10 @@
     python benchmarks/bench_trained.py --device cpu                     # tiny: 1K-2K, a few prompts
 
 The model is the shipped one (``fp_compile/demo/weights/longctx.safetensors``, or ``--weights``),
-scored by ``fp_compile.demo.trained.evaluate``: exact match of every answer token, teacher-forced
-in one prefill, on the same prompts for every config (``--n`` per task and length). Configs:
+scored by ``fp_compile.demo.trained.evaluate``: exact match of every answer token (for the set
+answers of multi-value needles and common words, any member not yet fed is right at each
+position), teacher-forced in one prefill, on the same prompts for every config (``--n`` per
+task and length). Configs:
 
 * ``dense``: the model as is (eager SDPA);
 * ``paper a=...``: ``FlashPrefillConfig.paper_rule(alpha=a, min_seq_len=0)`` for each ``--alphas``
@@ -123,7 +125,7 @@ def tables(results, lengths, tasks) -> str:
     names = list(dict.fromkeys(r["config"] for r in results))
     cell = {(r["config"], r["seq_len"]): r for r in results}
     head = "| config | " + " | ".join(f"{_label(S)} acc / density" for S in lengths) + " |"
-    lines = ["Mean accuracy over tasks (exact match) / density:", "", head,
+    lines = ["Mean accuracy over tasks (exact / set match) / density:", "", head,
              "|---" * (len(lengths) + 1) + "|"]
     for n in names:
         lines.append(f"| {n} | " + " | ".join(

@@ -22,7 +22,7 @@ def solve(prompt: list[int]) -> list[int]:
     if task == "common_words":
         counts = Counter(body).most_common()
         n = next(i for i in range(1, len(counts)) if counts[i][1] < counts[0][1] / 2)
-        return sorted(word for word, _ in counts[:n])
+        return sorted(word for word, _ in counts[:n])        # a set: compared sorted
     needles = [body[i + 1:i + 4] for i, t in enumerate(body) if t == V.needle]
     if task in ("niah_single", "niah_multikey"):
         found = [s[1:3] for s in needles if s[0] == asked[0]]
@@ -40,6 +40,10 @@ def solve(prompt: list[int]) -> list[int]:
         assert len(nxt) == 1
         chain.append(nxt[0])
         last = nxt[0]
+
+
+def _as_solved(task: str, answer: list[int]) -> list[int]:
+    return sorted(answer) if task in ft.SET_TASKS else answer
 
 
 CASES = [("niah_single", {}), ("niah_multikey", {"n_keys": 2}), ("niah_multikey", {"n_keys": 16}),
@@ -61,7 +65,7 @@ def test_answers_are_recoverable_from_the_prompt(task, params, seq_len, haystack
     for row in range(len(batch)):
         prompt, answer = batch.prompt(row), batch.answer(row)
         assert len(prompt) + len(answer) == seq_len
-        assert solve(prompt) == answer, (task, row)
+        assert solve(prompt) == _as_solved(task, answer), (task, row)
 
 
 def test_layout_markers_only_where_they_belong():
@@ -86,7 +90,7 @@ def test_mixed_batch_covers_every_task_and_is_deterministic():
     assert not torch.equal(a.tokens, c.tokens)
     assert sorted(set(a.task_ids.tolist())) == list(range(len(ft.TASKS)))
     for row in range(len(a)):
-        assert solve(a.prompt(row)) == a.answer(row)
+        assert solve(a.prompt(row)) == _as_solved(ft.TASKS[a.task_ids[row]], a.answer(row))
 
 
 def test_generate_is_deterministic_per_seed():
@@ -157,3 +161,34 @@ def test_several_questions_each_answered_by_the_prompt_before_it(task, params):
 @pytest.mark.parametrize("task, params", CASES)
 def test_answer_len_matches_the_generator(task, params):
     assert len(ft.generate(task, 1, 300, **params).answer(0)) == ft.answer_len(task, **params)
+
+
+def test_set_answers_come_in_a_random_order():
+    for task in ft.SET_TASKS:
+        batch = ft.generate(task, 200, 300, seed=1, **ft.EVAL_PARAMS[task])
+        rows = [batch.answer(i) for i in range(len(batch))]
+        ascending = sum(r == sorted(r) for r in rows) / len(rows)
+        assert ascending < 0.3, (task, ascending)            # 1/6 for 3 members, 1/24 for 4
+        last_max = sum(r[-1] == max(r) for r in rows) / len(rows)
+        assert last_max < 0.5, (task, last_max)
+
+
+def test_answer_options_are_the_token_itself_and_a_set_s_members_not_yet_fed():
+    mask = torch.tensor([[0, 1, 1, 0, 1, 1, 1]] * 2, dtype=torch.bool)   # two answers per row
+    options = ft.answer_options(mask, torch.tensor([False, True]))
+    assert torch.equal(options[0], torch.eye(7, dtype=torch.bool))
+    later = {(1, 2), (4, 5), (4, 6), (5, 6)}                # within an answer, never across
+    expected = [[t == j or (t, j) in later for j in range(7)] for t in range(7)]
+    assert options[1].tolist() == expected
+    assert ft.is_set(torch.arange(len(ft.TASKS))).tolist() == [t in ft.SET_TASKS
+                                                                for t in ft.TASKS]
+
+
+def test_mixed_batch_deals_the_rows_left_over_to_every_task_in_turn():
+    # 4 rows over 5 tasks (the H200 preset's 32K stage): each task gets rows in some batches
+    seen = Counter()
+    for seed in range(20):
+        batch = ft.mixed_batch(4, 128, seed=seed)
+        assert len(batch) == 4 and len(set(batch.task_ids.tolist())) == 4
+        seen.update(batch.task_ids.tolist())
+    assert set(seen) == set(range(len(ft.TASKS))) and min(seen.values()) >= 8

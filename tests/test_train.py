@@ -1,5 +1,6 @@
-"""The training script: the loss is on the answer tokens (plus the weighted next-token term), the
-schedule follows the budget, and a tiny run writes weights that load and score."""
+"""The training script: the loss is on the answer tokens (plus the weighted next-token term; set
+answers in any order), the schedule follows the budget, and a tiny run writes weights that load
+and score; the score takes set answers in any order too."""
 
 import math
 
@@ -38,6 +39,80 @@ def test_answer_loss_is_the_cross_entropy_of_the_answer_tokens():
     with torch.no_grad():
         total, *_ = train.answer_loss(model, batch.tokens, batch.answer_mask, 0.5)
     assert torch.allclose(total, expected + 0.5 * lm, atol=1e-5)
+
+
+class _Logits(torch.nn.Module):
+    """A stand-in model whose hidden states are the given logits (lm_head: identity)."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits, self.lm_head = logits, torch.nn.Identity()
+
+    def hidden(self, tokens):
+        return self.logits
+
+
+def test_set_loss_is_minus_log_of_the_members_not_yet_fed():
+    torch.manual_seed(0)
+    S, answer = 80, [300, 310, 320]
+    tokens = torch.randint(16, 256, (2, S))
+    tokens[:, -3:] = torch.tensor(answer)
+    mask = torch.zeros(2, S, dtype=torch.bool)
+    mask[:, -3:] = True
+    logits = torch.randn(2, S, ft.VOCAB.size)
+    sets = torch.tensor([True, False])
+    _, loss, _, _ = train.answer_loss(_Logits(logits), tokens, mask, sets=sets)
+    p = logits[:, -4:-1].softmax(-1)                    # the positions predicting the answer
+    set_nll = [-p[0, t, answer[t:]].sum().log() for t in range(3)]
+    ce_nll = [-p[1, t, answer[t]].log() for t in range(3)]
+    assert torch.allclose(loss, torch.stack(set_nll + ce_nll).mean(), atol=1e-5)
+
+
+def test_set_loss_of_a_one_member_answer_is_the_cross_entropy():
+    model = _model()
+    batch = ft.generate("niah_multivalue", 4, 160, seed=2, n_values=1, n_distract=2)
+    sets = ft.is_set(batch.task_ids)
+    assert sets.all()
+    with torch.no_grad():
+        as_set = train.answer_loss(model, batch.tokens, batch.answer_mask, sets=sets)
+        plain = train.answer_loss(model, batch.tokens, batch.answer_mask)
+    assert torch.allclose(as_set[1], plain[1], atol=1e-6)
+    assert torch.equal(as_set[2], plain[2]) and torch.equal(as_set[3], plain[3])
+
+
+def _scored(task, answer_argmax, **params):
+    """``correct`` of logits whose argmax at the answer positions is ``answer_argmax``."""
+    batch = ft.generate(task, 1, 200, seed=3, **params)
+    T = tr.TAIL
+    logits = torch.zeros(1, T, ft.VOCAB.size)
+    logits[0, torch.arange(T - 1), batch.tokens[0, -T + 1:]] = 1.0      # right elsewhere
+    n = len(answer_argmax)
+    logits[0, T - 1 - n + torch.arange(n)] = 0.0
+    logits[0, T - 1 - n + torch.arange(n), torch.tensor(answer_argmax)] = 1.0
+    return batch.answer(0), lambda sets=None: bool(tr.correct(logits, batch, sets)[0])
+
+
+def test_correct_takes_a_set_answer_in_any_order_but_no_repeat_or_outsider():
+    answer, _ = _scored("niah_multivalue", [0, 0, 0], n_values=3)
+    a, b, c = answer                                     # fed in this order
+    for argmax, right in [([a, b, c], True), ([b, c, c], True), ([c, b, c], True),
+                          ([a, a, c], False),            # a repeat: a was fed already
+                          ([b, a, c], False), ([a, b, b], False),
+                          ([a, 511 if 511 not in answer else 510, c], False)]:   # an outsider
+        assert _scored("niah_multivalue", argmax, n_values=3)[1]() == right, argmax
+    # exact match in order when no row is a set; single answers stay exact
+    assert not _scored("niah_multivalue", [b, c, c], n_values=3)[1](torch.tensor([False]))
+    answer, _ = _scored("niah_single", [0, 0])
+    assert _scored("niah_single", answer)[1]()
+    assert not _scored("niah_single", answer[::-1])[1]() or answer[0] == answer[1]
+
+
+def test_generated_set_answers_match_as_sets():
+    assert tr.answer_matches("common_words", [30, 10, 20], [10, 20, 30])
+    assert not tr.answer_matches("common_words", [10, 10, 30], [10, 20, 30])
+    assert not tr.answer_matches("niah_multivalue", [10, 20, 40], [10, 20, 30])
+    assert tr.answer_matches("niah_single", [7, 5], [7, 5])
+    assert not tr.answer_matches("niah_single", [5, 7], [7, 5])
 
 
 def test_row_correct_counts_every_answer_of_the_row():

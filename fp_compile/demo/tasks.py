@@ -5,7 +5,12 @@ Every sample is one token sequence of ``seq_len`` tokens, the prompt followed by
     BOS TASK <body: haystack with the needles / statements / word list> QUERY TASK <q> <answer>
 
 The answer is what the model must produce after the question; training puts the loss on the answer
-tokens only and the evaluation scores a sample correct when every answer token is right.
+tokens only and the evaluation scores a sample correct when every answer token is right. The
+answers of ``SET_TASKS`` are sets, written in a random order per row (the prefix fed when
+teacher-forced) and right in any order: at each answer position every member not yet fed is a
+right token (``answer_options``), in the loss and the score. Not in ascending order: then the
+largest member is never fed before the last position, and a model that always emits it (seen
+on CPU) is right at every position, yet repeats itself when it generates.
 Multi-key needles and variable tracking can ask ``n_queries`` questions in a row (each
 ``QUERY TASK q answer``, about different keys / chains): training does, for more answer
 tokens per sequence; the evaluation asks one.
@@ -15,15 +20,15 @@ Tasks (``TASKS``):
 * ``niah_multikey``: ``n_keys`` needles with distinct keys (the others are distractors); one
   key is asked for; answer its two value tokens.
 * ``niah_multivalue``: ``n_values`` needles ``NEEDLE k v`` share one key, plus
-  ``n_distract`` needles of other keys; ``q = k``; answer every value of ``k`` in ascending
-  token order (a canonical order: the exact match then scores the set, as RULER does).
+  ``n_distract`` needles of other keys; ``q = k``; answer every value of ``k``, a set (scored
+  in any order, as RULER does).
 * ``variable_tracking``: ``n_chains`` chains of ``hops + 1`` statements ``VAR v x1``,
   ``VAR x1 x2``, ... (``VAR a b``: b takes a's value, RULER's ``b = a``; a chain's statements
   in order, chains interleaved); ``q = v`` of the first chain; answer its variables
   ``x1 .. x_{hops+1}`` in chain order (every variable that holds ``v``).
 * ``common_words``: the body is a word list in which ``n_common`` words take ``common_frac`` of
   the positions each and the rest are drawn uniformly from the other words; no ``q``; answer
-  the common words in ascending token order.
+  the common words (a set, as for multi-value needles).
 
 Words are single tokens and the answer follows the question directly, so each lookup is a copy
 of what follows an earlier occurrence of the question's last token (what induction heads do):
@@ -66,6 +71,7 @@ class Vocab:
 
 VOCAB = Vocab()
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "common_words")
+SET_TASKS = ("niah_multivalue", "common_words")     # answers are sets of distinct tokens
 HAYSTACKS = ("noise", "repeat")
 PHRASE_LEN = (8, 64)        # the repeated haystack's phrase: 8 to 64 tokens, per row
 
@@ -105,6 +111,35 @@ class TaskBatch:
     def cat(batches: list["TaskBatch"]) -> "TaskBatch":
         return TaskBatch(*(torch.cat(parts) for parts in zip(
             *((b.tokens, b.answer_mask, b.task_ids, b.depth) for b in batches))))
+
+
+def is_set(task_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the rows of ``task_ids`` (into ``TASKS``) whose answer is a set."""
+    ids = torch.tensor([TASKS.index(t) for t in SET_TASKS], device=task_ids.device)
+    return torch.isin(task_ids, ids)
+
+
+def answer_options(mask: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) bool: ``[b, t, j]`` is True when the token at position ``j`` is a right output
+    for position ``t`` (teacher-forced: position t predicts the token at t). That is ``j == t``
+    (always, on and off the answers), and for the rows ``sets`` (B,) marks, every later position
+    of the same answer: the members not yet fed (the answer as written is the fed prefix).
+    ``mask`` (B, T) marks the answer tokens (``TaskBatch.answer_mask`` or a tail of it)."""
+    B, T = mask.shape
+    start = mask & ~torch.cat([mask.new_zeros(B, 1), mask[:, :-1]], dim=1)
+    span = start.cumsum(1)                                  # answer number, on the answers
+    at = torch.arange(T, device=mask.device)
+    same = (span[:, :, None] == span[:, None, :]) & mask[:, :, None] & mask[:, None, :]
+    later = (at[None, :] > at[:, None]) & sets[:, None, None]
+    return (same & later) | torch.eye(T, dtype=torch.bool, device=mask.device)
+
+
+def answer_hits(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+                sets: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: ``pred`` (B, T), the argmax at each position, is a right output there
+    (``answer_options``) for the ``target`` tokens (B, T); False off ``mask``."""
+    options = answer_options(mask, sets)
+    return (options & (pred[:, :, None] == target[:, None, :])).any(-1) & mask
 
 
 class _Draw:
@@ -207,7 +242,7 @@ def niah_multivalue(draw, B, S, haystack="noise", n_values=4, n_distract=2) -> T
     item_keys = torch.cat([keys[:, :1].expand(B, n_values), keys[:, 1:]], dim=1)
     items = torch.stack([torch.full_like(values, VOCAB.needle), item_keys, values], dim=-1)
     start = _place(draw, body, items)
-    answer = values[:, :n_values].sort(dim=1).values
+    answer = values[:, :n_values]                           # a random order: distinct draws
     return _frame("niah_multivalue", body, keys[:, None, :1], answer[:, None],
                   start[:, :n_values].float().mean(1))
 
@@ -243,7 +278,8 @@ def common_words(draw, B, S, haystack="noise", n_common=3, common_frac=0.05) -> 
     at = draw.permutation(B, L)[:, :count * n_common]
     body.scatter_(1, at, common.repeat_interleave(count, dim=1))
     nan = torch.full((B,), float("nan"), device=body.device)
-    return _frame("common_words", body, body[:, None, :0], common[:, None], nan)
+    answer = common.gather(1, draw.permutation(B, n_common))   # a random order
+    return _frame("common_words", body, body[:, None, :0], answer[:, None], nan)
 
 
 _MAKERS = {"niah_single": lambda d, B, S, h, **p: niah(d, B, S, h, 1, "niah_single", **p),
@@ -319,11 +355,14 @@ def copy_batch(batch: int, seq_len: int, *, seed: int, device="cpu",
 def mixed_batch(batch: int, seq_len: int, *, seed: int, device="cpu",
                 tasks: tuple[str, ...] = TASKS) -> TaskBatch:
     """A training batch: ``batch`` rows dealt evenly over ``tasks``, each task's rows in one
-    sub-batch with parameters and haystack drawn per sub-batch."""
+    sub-batch with parameters and haystack drawn per sub-batch. The ``batch % len(tasks)`` rows
+    left over go to tasks drawn per batch (always to the first ones, a batch of 4 over the
+    five tasks never held common_words: the 32K stage of the H200 preset trained without it)."""
     rng = random.Random(seed)
+    extra = set(rng.sample(range(len(tasks)), batch % len(tasks)))
     parts = []
     for i, task in enumerate(tasks):
-        rows = batch // len(tasks) + (i < batch % len(tasks))
+        rows = batch // len(tasks) + (i in extra)
         if rows:
             parts.append(generate(task, rows, seq_len, seed=rng.getrandbits(62), device=device,
                                   haystack=rng.choice(HAYSTACKS),

@@ -7,7 +7,7 @@ trained from scratch by ``python -m fp_compile.demo.train`` on the tasks of ``ta
     model, meta = load_trained_model("cuda", torch.bfloat16)
     forward = tail_forward(model)                        # dense (eager SDPA)
     fast, reports = compiled_forward(model, FlashPrefillConfig(min_seq_len=0))
-    evaluate(fast, "niah_multikey", 16384, n=32)         # exact-match accuracy, 0..1
+    evaluate(fast, "niah_multikey", 16384, n=32)         # accuracy (exact / set match), 0..1
 """
 
 from __future__ import annotations
@@ -129,25 +129,39 @@ def effective_density(rows) -> float:
     return sum(per) / len(per) if per else 1.0
 
 
-def correct(logits: torch.Tensor, batch: ft.TaskBatch) -> torch.Tensor:
-    """(B,) bool: every answer token of the row is the argmax of the logits before it.
-    ``logits`` (B, T, vocab) are the last T positions' (T >= the answer length + 1)."""
+def correct(logits: torch.Tensor, batch: ft.TaskBatch,
+            sets: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) bool: at every answer position of the row the argmax of the logits before it is a
+    right token: the answer token itself, or for a set answer (``tasks.SET_TASKS``) any member
+    not yet fed (the teacher-forced set match: members in another order are right, a member
+    already fed or an outsider is not). ``logits`` (B, T, vocab) are the last T positions' (T >= the answer length + 1);
+    ``sets`` (B,) bool overrides which rows are sets (all False: exact match in order)."""
     S, T = batch.tokens.shape[1], logits.shape[1]
     if batch.answer_mask[:, :S - T + 1].any():
         raise ValueError(f"an answer is longer than the {T - 1} tokens the logits cover")
     pred = logits[:, :-1].argmax(-1)
     target, mask = batch.tokens[:, S - T + 1:], batch.answer_mask[:, S - T + 1:]
-    return ((pred == target) | ~mask).all(-1)
+    sets = ft.is_set(batch.task_ids) if sets is None else sets
+    return (ft.answer_hits(pred, target, mask, sets) | ~mask).all(-1)
+
+
+def answer_matches(task: str, answer: list[int], expected: list[int]) -> bool:
+    """A generated ``answer`` is right: equal to ``expected``, as a set (the same members, none
+    repeated) when ``task`` is one of ``tasks.SET_TASKS``."""
+    if task in ft.SET_TASKS:
+        return sorted(answer) == sorted(expected)
+    return answer == expected
 
 
 @torch.no_grad()
 def evaluate(forward: Callable, task: str, seq_len: int, n: int, seed: int = 0, *,
              batch_size: int = 8, device="cpu", haystack: str = "noise",
              params: dict | None = None) -> float:
-    """Exact-match accuracy of ``forward`` (ids -> logits of the last positions, e.g.
-    ``tail_forward(model)`` or a compiled one) on ``n`` prompts of ``task`` of ``seq_len``
-    tokens (``tasks.EVAL_PARAMS`` unless ``params``), teacher-forced in one prefill each. The
-    prompts depend on (task, seq_len, seed, i) only, so every forward sees the same ones."""
+    """Accuracy of ``forward`` (ids -> logits of the last positions, e.g. ``tail_forward(model)``
+    or a compiled one) on ``n`` prompts of ``task`` of ``seq_len`` tokens (``tasks.EVAL_PARAMS``
+    unless ``params``), teacher-forced in one prefill each, scored by ``correct`` (exact match;
+    a set match for set answers). The prompts depend on (task, seq_len, seed, i) only, so
+    every forward sees the same ones."""
     params = ft.EVAL_PARAMS[task] if params is None else params
     hits = 0
     for i, start in enumerate(range(0, n, batch_size)):
@@ -219,12 +233,15 @@ def run_demo(args, config: FlashPrefillConfig) -> dict:
             reset_stats()
             sparse = _answer(fast, prompt, n)
             density = effective_density(stats().rows)
+            right = {k: answer_matches(task, v, expected) for k, v in
+                     (("dense", dense), ("flashprefill", sparse))}
             results[task] = dict(expected=expected, dense=dense, flashprefill=sparse,
-                                 density=density)
+                                 density=density, right=right)
             print(f"\n{task} (depth {float(batch.depth[0]):.2f}): {_describe(batch)}")
-            print(f"  expected      {expected}")
-            print(f"  dense         {dense}  {'right' if dense == expected else 'WRONG'}")
-            print(f"  flashprefill  {sparse}  {'right' if sparse == expected else 'WRONG'}"
+            print(f"  expected      {expected}" + ("  (a set: any order)" if task in ft.SET_TASKS
+                                                   else ""))
+            print(f"  dense         {dense}  {'right' if right['dense'] else 'WRONG'}")
+            print(f"  flashprefill  {sparse}  {'right' if right['flashprefill'] else 'WRONG'}"
                   f"   (density {density:.3f})")
     from ..passes.report import RewriteReport
 
