@@ -203,7 +203,7 @@ def bench_one(S: int, args, flex_compiled, fns: Compiled, default_op) -> dict:
     row["speedup_vs_cudnn"] = row["cudnn_ms"] / row["op_ms"]
     row["default_speedup_vs_cudnn"] = row["cudnn_ms"] / row["op_default_ms"]
     row["search_share"] = row["search_ms"] / row["op_ms"]
-    del q, k, v, out, dense_out, attn
+    q = k = v = out = dense_out = attn = None   # free them before empty_cache
     torch.cuda.empty_cache()
     return row
 
@@ -224,7 +224,7 @@ def bench_variant(S: int, name: str, fns: Compiled, args, with_recall: bool) -> 
     row["density"] = sel.density
     if with_recall:
         row["recall"] = sel.recall(q, k)
-    del q, k, v, out, dense, sel
+    q = k = v = out = dense = sel = None   # free them before empty_cache
     torch.cuda.empty_cache()
     return row
 
