@@ -97,8 +97,9 @@ def sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     if (not capturing and not config.mean_correction and q.element_size() == 2
             and q.shape[-1] <= 128 and config.block_size == 128):
         # The TMA variant where it was measured (16-bit, D <= 128, blocks of 128; RESULTS.md
-        # run 45: 1.09-1.11x the pointer kernel at 8K-128K); it launches the pointer kernel
-        # itself while torch.compile traces (host descriptors launch eagerly only).
+        # run 45: 1.09-1.11x the pointer kernel at 8K-128K); while torch.compile traces, and
+        # for k / v with no (B * Hkv * S, D) row view, it reads them through pointers instead
+        # ("ptr_fold": host descriptors launch eagerly only).
         from .kernels.block_sparse_attention_tma import block_sparse_attention_variant
 
         return block_sparse_attention_variant(q, k, v, num, idx, scale, config.block_size,

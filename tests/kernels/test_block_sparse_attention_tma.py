@@ -100,22 +100,27 @@ def test_other_options_go_to_the_existing_kernel():
         bt.block_sparse_attention_variant(q, k, v, num, idx, 0.25, 16, variant="nope")
 
 
-def test_tma_falls_back_while_tracing_or_on_unviewable_kv(monkeypatch):
+def test_tma_reads_through_pointers_while_tracing_or_on_unviewable_kv(monkeypatch):
     """Host descriptors are for eager launches: while tracing (and for k / v that are no 2-D
-    row view) a TMA variant runs the existing kernel."""
-    calls = []
-    monkeypatch.setattr(bt, "block_sparse_attention",
-                        lambda *a, **kw: calls.append(1) or a[0].new_zeros(a[0].shape))
+    row view) a TMA variant runs its pointer twin ("tma_fold" as "ptr_fold"), launched through
+    ``launcher`` (wrap_triton while tracing), not the existing kernel; same output."""
+    monkeypatch.setattr(bt, "block_sparse_attention", None)    # would raise if called
+    launched = []
+    monkeypatch.setattr(bt, "launcher", lambda kernel: launched.append(1) or kernel)
     q, k, v = make_qkv(1, 4, 2, 64, 16, torch.float32)
     num, idx = random_selection(1, 4, 64, 16, 0.5)
+    want = block_sparse_attention_reference(q, k, v, num, idx, 0.25, 16)
     # (B, S, Hkv, D) memory: a head's rows are Hkv rows apart, no (B * Hkv * S, D) view.
     k_strided = k.transpose(1, 2).contiguous().transpose(1, 2)
     assert bt.tma_supported(k, v) and not bt.tma_supported(k_strided, v)
-    bt.block_sparse_attention_variant(q, k_strided, v, num, idx, 0.25, 16, variant="tma")
-    assert calls == [1]
+    got = bt.block_sparse_attention_variant(q, k_strided, v, num, idx, 0.25, 16,
+                                            variant="tma_fold")
+    assert launched == [1]
+    assert_close(got, want, 1e-5, 1e-5)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    bt.block_sparse_attention_variant(q, k, v, num, idx, 0.25, 16, variant="tma")
-    assert calls == [1, 1]
+    got = bt.block_sparse_attention_variant(q, k, v, num, idx, 0.25, 16, variant="tma")
+    assert launched == [1, 1]
+    assert_close(got, want, 1e-5, 1e-5)
 
 
 @functools.lru_cache(maxsize=1)
