@@ -104,18 +104,21 @@ def dense_groups(num: torch.Tensor, num_kv_heads: int, dense_above: float,
     return flags | (flags.float().mean() > MOSTLY_DENSE)
 
 
-def host_flags(flags_dev: torch.Tensor, ahead: Optional[Callable] = None):
-    """(flags_dev on the host, ahead() or None): the copy to pinned memory, then ahead()'s work
-    queued, then the host waits for the copy alone (the GPU works through the wait)."""
+def host_flags(num: torch.Tensor, decide: Callable[[torch.Tensor], torch.Tensor],
+               ahead: Optional[Callable] = None):
+    """(decide(num on the host), ahead() or None): ``num`` (the kv_num_blocks the decision
+    reads) is copied to pinned memory, ahead()'s work queued behind the copy, and the host waits
+    for the copy alone (the GPU works through the wait), then takes the decision there: a few
+    CPU ops on (B, H, n) counts rather than small kernels in the GPU's queue."""
     ready = None
-    if flags_dev.device.type == "cuda":
-        flags = torch.empty(flags_dev.shape, dtype=torch.bool, pin_memory=True)
-        flags.copy_(flags_dev, non_blocking=True)
+    if num.device.type == "cuda":
+        host = torch.empty(num.shape, dtype=num.dtype, pin_memory=True)
+        host.copy_(num, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
     else:
-        flags = flags_dev
+        host = num
     done = ahead() if ahead is not None else None
     if ready is not None:
         ready.synchronize()
-    return flags, done
+    return decide(host), done

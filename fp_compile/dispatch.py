@@ -190,7 +190,8 @@ def probe(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillCo
     """
     rows = probe_rows(cdiv_blocks(q, config))
     num = _search_rows(q, k, scale, config, kmean, rows, vs_blocks=vs_blocks).num
-    return host_flags(dense_groups(num, k.shape[1], config.dense_above, rows), ahead)
+    return host_flags(num, lambda n: dense_groups(n, k.shape[1], config.dense_above, rows),
+                      ahead)
 
 
 def cdiv_blocks(q: torch.Tensor, config: FlashPrefillConfig) -> int:
@@ -315,7 +316,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
             # anyway.
             sel = select(q, k, scale, config, kmean=kmean, with_mass=config.collect_stats,
                          vs_blocks=vs)
-            flags = dense_groups_of(sel.num, k.shape[1], config.dense_above).cpu()
+            flags = dense_groups_of(sel.num.cpu(), k.shape[1], config.dense_above)
         else:
             key = history.key(q, k, layer)
             if step >= M and history.expect_sparse(key, q, config):
@@ -348,7 +349,8 @@ def _speculative_sparse(q, k, v, scale, config: FlashPrefillConfig, kmean, vmean
     whole selection, its probe rows' dense flags, the attention queued before the host reads
     them; then the flagged groups run dense, as without the guess."""
     sel = first_selection(q, k, scale, config, kmean, vs_blocks=vs)
-    flags, out = host_flags(dense_groups_of(sel.num, k.shape[1], config.dense_above),
+    flags, out = host_flags(sel.num, lambda n: dense_groups_of(n, k.shape[1],
+                                                               config.dense_above),
                             ahead=lambda: sparse(q, k, v, scale, config, sel.num, sel.idx,
                                                  kmean, vmean))
     history.remember(key, flags)
