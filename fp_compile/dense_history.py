@@ -65,16 +65,16 @@ def expect_sparse(key: tuple, q: torch.Tensor, config: FlashPrefillConfig) -> bo
             and _history.get(key, 0) <= -SPARSE_STREAK)
 
 
-def remember(key: tuple, flags: torch.Tensor) -> None:
-    """Record a decision (the (B, Hkv) dense flags, on the host): the key's streak, > 0 for
+def remember(key: tuple, all_dense: bool, any_dense: bool) -> None:
+    """Record a decision (whether every / any kv group runs dense): the key's streak, > 0 for
     consecutive all-dense decisions, < 0 for consecutive decisions with no dense group, 0
     after a mixed one; the key moved to the newest place."""
     streak = _history.pop(key, 0)
     if len(_history) >= HISTORY_KEYS:
         _history.pop(next(iter(_history)))
-    if bool(flags.all()):
+    if all_dense:
         _history[key] = max(streak, 0) + 1
-    elif not bool(flags.any()):
+    elif not any_dense:
         _history[key] = min(streak, 0) - 1
     else:
         _history[key] = 0

@@ -308,7 +308,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
         kmean = block_means(k, config.block_size, out_dtype=q.dtype)
     # The vertical/slash flags, once per call: the probe and every chunk read them.
     vs = vs_flags(q, k, scale, config)
-    flags = skip = sel = first = ahead_dense = None
+    flags = skip = sel = first = ahead_dense = key = None
     if config.dense_above < 1 and not _capturing(q):
         M, step = _chunk(q, config)
         if probe_rows(M)[1] == 1 and step >= M:
@@ -327,12 +327,15 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
             else:
                 flags, first = probe(q, k, scale, config, kmean, ahead=lambda: first_selection(
                     q, k, scale, config, kmean, config.collect_stats, vs), vs_blocks=vs)
-            history.remember(key, flags)
+    # Read once: the flags are a host tensor, and every read is a torch op on the host.
     all_dense = flags is not None and bool(flags.all())
+    any_dense = flags is not None and bool(flags.any())
+    if key is not None:
+        history.remember(key, all_dense, any_dense)
     if all_dense and not config.collect_stats:
         # cuDNN already queued behind the probe, or launched now
         return ahead_dense if ahead_dense is not None else dense(q, k, v, scale)
-    if flags is not None and bool(flags.any()):
+    if any_dense:
         skip = flags.to(q.device).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     out, sel = sparse_chunks(q, k, v, scale, config, kmean, vmean, skip, attend=not all_dense,
                              with_mass=config.collect_stats, sel=sel, first=first,
@@ -348,13 +351,14 @@ def _speculative_sparse(q, k, v, scale, config: FlashPrefillConfig, kmean, vmean
     """``run`` for a call expected to run block-sparse (``dense_history.expect_sparse``): the
     whole selection, its probe rows' dense flags, the attention queued before the host reads
     them; then the flagged groups run dense, as without the guess."""
-    sel = first_selection(q, k, scale, config, kmean, vs_blocks=vs)
+    sel = select(q, k, scale, config, kmean=kmean, vs_blocks=vs)      # one chunk: all of it
     flags, out = host_flags(sel.num, lambda n: dense_groups_of(n, k.shape[1],
                                                                config.dense_above),
                             ahead=lambda: sparse(q, k, v, scale, config, sel.num, sel.idx,
                                                  kmean, vmean))
-    history.remember(key, flags)
-    return _dense_runs(q, k, v, scale, flags, out) if bool(flags.any()) else out
+    any_dense = bool(flags.any())
+    history.remember(key, bool(flags.all()), any_dense)
+    return _dense_runs(q, k, v, scale, flags, out) if any_dense else out
 
 
 def _dense_runs(q, k, v, scale, flags: torch.Tensor, out: Optional[torch.Tensor],
