@@ -101,8 +101,8 @@ def main() -> None:
         with open(os.path.join(args.out, "tune_search.json"), "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "rows": rows}, f, indent=1)
-    print("\n| S | variant | TJ | TB | warps | stages | search ms | with mass guard ms | rows differing "
-          "/ Jaccard vs reference | guarded: rows / Jaccard |")
+    print("\n| S | variant | TJ | TB | warps | stages | search ms | with mass guard ms | rows "
+          "differing / Jaccard vs reference | guarded: rows / Jaccard |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         head = (f"| {r['S']} | {r['variant']} | {r['TJ']} | {r['TB']} | {r['num_warps']} | "

@@ -134,8 +134,9 @@ def correct(logits: torch.Tensor, batch: ft.TaskBatch,
     """(B,) bool: at every answer position of the row the argmax of the logits before it is a
     right token: the answer token itself, or for a set answer (``tasks.SET_TASKS``) any member
     not yet fed (the teacher-forced set match: members in another order are right, a member
-    already fed or an outsider is not). ``logits`` (B, T, vocab) are the last T positions' (T >= the answer length + 1);
-    ``sets`` (B,) bool overrides which rows are sets (all False: exact match in order)."""
+    already fed or an outsider is not). ``logits`` (B, T, vocab) are the last T positions'
+    (T >= the answer length + 1); ``sets`` (B,) bool overrides which rows are sets (all False:
+    exact match in order)."""
     S, T = batch.tokens.shape[1], logits.shape[1]
     if batch.answer_mask[:, :S - T + 1].any():
         raise ValueError(f"an answer is longer than the {T - 1} tokens the logits cover")
