@@ -34,8 +34,12 @@ def _block_means_kernel(k_ptr, v_ptr, kmean_ptr, vmean_ptr, ks_ptr, ke_ptr,
     if SPAN:
         key_lo = tl.load(ks_ptr + b)
         key_hi = tl.minimum(tl.load(ke_ptr + b), S)
-    k_sum = tl.zeros([DP], dtype=tl.float32)
-    v_sum = tl.zeros([DP], dtype=tl.float32)
+    # Row chunks accumulate elementwise; the rows are summed once at the end. (A sum over rows
+    # per chunk crossed warps through shared memory every chunk, with bank conflicts: the
+    # kernel was bound by L1 wavefronts at 35% of DRAM bandwidth, ncu in RESULTS.md run 57;
+    # summing once took it from 168 to 88 us at 128K, run 58.)
+    k_acc = tl.zeros([ROWS, DP], dtype=tl.float32)
+    v_acc = tl.zeros([ROWS, DP], dtype=tl.float32)
     for r0 in tl.static_range(0, BLOCK, ROWS):
         rows = j * BLOCK + r0 + tl.arange(0, ROWS)
         row_ok = rows < S
@@ -44,11 +48,13 @@ def _block_means_kernel(k_ptr, v_ptr, kmean_ptr, vmean_ptr, ks_ptr, ke_ptr,
         msk = row_ok[:, None] & d_ok[None, :]
         kt = tl.load(k_ptr + b * skb + h * skh + rows[:, None].to(tl.int64) * sks
                      + d[None, :] * skd, mask=msk, other=0.0)
-        k_sum += tl.sum(kt.to(tl.float32), axis=0)
+        k_acc += kt.to(tl.float32)
         if HAS_V:
             vt = tl.load(v_ptr + b * svb + h * svh + rows[:, None].to(tl.int64) * svs
                          + d[None, :] * svd, mask=msk, other=0.0)
-            v_sum += tl.sum(vt.to(tl.float32), axis=0)
+            v_acc += vt.to(tl.float32)
+    k_sum = tl.sum(k_acc, axis=0)
+    v_sum = tl.sum(v_acc, axis=0)
     count = tl.minimum(S - j * BLOCK, BLOCK).to(tl.float32)
     if SPAN:
         valid = tl.minimum(key_hi, j * BLOCK + BLOCK) - tl.maximum(key_lo, j * BLOCK)

@@ -172,8 +172,10 @@ def test_unused_entries_are_overwritten():
 
 
 @pytest.mark.parametrize("S,D,bs,dtype", [(100, 16, 16, torch.float32), (47, 40, 32, torch.float16),
-                                          (5, 24, 16, torch.float32), (256, 64, 32, torch.float16)])
+                                          (5, 24, 16, torch.float32), (256, 64, 32, torch.float16),
+                                          (300, 64, 128, torch.float16)])
 def test_block_means(S, D, bs, dtype):
+    """(300, 64, 128): two row chunks per block (block_size * D > 4096), a partial last one."""
     g = torch.Generator().manual_seed(S)
     k = (torch.randn(2, 3, S, D, generator=g) + 1.5).to(DEVICE, dtype)
     v = torch.randn(2, 3, S, D, generator=g).to(DEVICE, dtype)
