@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_tiles import _kept_split
 from .block_means import block_means
 # The reference lives in its own module; importing it from here keeps working.
 from .block_sparse_reference import (block_sparse_attention_reference,  # noqa: F401
@@ -194,13 +195,7 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     if SPAN:
         num = tl.where(start_m < q0 + SQ, num, 0)  # the last tile may hold no row of the call
     idx_row = idx_ptr + b * sib + h * sih + li.to(tl.int64) * sim
-    # n_full = number of kept entries before the diagonal; the list is ascending, so trim the
-    # entries >= i from its end (normally only the diagonal).
-    n_full = num
-    last = tl.load(idx_row + (n_full - 1) * sin, mask=n_full > 0, other=-1)
-    while last >= i:
-        n_full -= 1
-        last = tl.load(idx_row + (n_full - 1) * sin, mask=n_full > 0, other=-1)
+    n_full, diag = _kept_split(idx_row, sin, num, i)   # entries before the diagonal; is it kept
 
     # 1. Kept blocks before the diagonal: full and fully visible. With a span, the entries at
     # either end of the ascending list whose block is not wholly inside [ks, ke) (a padding
@@ -234,8 +229,7 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
                                       v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,
                                       PAD_D, DOT_PRECISION)
 
-    # 2. The diagonal block, if kept (the first entry at or after i, when it equals i).
-    first_after = tl.load(idx_row + n_full * sin, mask=n_full < num, other=-1)
+    # 2. The diagonal block, if kept.
     # int64 bounds make the loop variables (key offsets) int64 when compiled.
     diag_lo = i.to(tl.int64) * BLOCK_SIZE
     # Key sub-tiles ending at or before start_m are fully visible; the rest up to the tile's
@@ -244,8 +238,8 @@ def _bsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, kmean_ptr, vme
     if SPAN:
         # A padding start in the block, or an end before mask_lo: masks on every sub-tile.
         mask_lo = tl.where((diag_lo < ks) | (ke < mask_lo), diag_lo, mask_lo)
-    diag_hi = tl.where(first_after == i, tl.minimum(start_m + BLOCK_M, S), diag_lo)
-    open_hi = tl.where(first_after == i, mask_lo, diag_lo)
+    diag_hi = tl.where(diag, tl.minimum(start_m + BLOCK_M, S), diag_lo)
+    open_hi = tl.where(diag, mask_lo, diag_lo)
     for start_n in range(diag_lo, open_hi, BLOCK_N):
         acc, m_i, l_i = _visible_tile(acc, m_i, l_i, q, k_base + start_n * sks + k_tile,
                                       v_base + start_n * svs + v_tile, kv_d_mask, qk_scale,

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_tiles import _kept_split
 from .fp8_quant import Fp8Blocks, dequantize, to_e4m3
 from .utils import LOG2E, expand_indices, group_view, interpreting, launcher, rows_per_chunk
 
@@ -125,12 +126,7 @@ def _bsa_fp8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, qs_ptr, ks_ptr, vs_ptr, num_ptr,
 
     num = tl.load(num_ptr + b * snb + h * snh + li * snm)
     idx_row = idx_ptr + b * sib + h * sih + li.to(tl.int64) * sim
-    # Kept entries before the diagonal: trim the entries >= i from the ascending list's end.
-    n_full = num
-    last = tl.load(idx_row + (n_full - 1) * sin, mask=n_full > 0, other=-1)
-    while last >= i:
-        n_full -= 1
-        last = tl.load(idx_row + (n_full - 1) * sin, mask=n_full > 0, other=-1)
+    n_full, diag = _kept_split(idx_row, sin, num, i)   # entries before the diagonal; is it kept
 
     # 1. Kept blocks before the diagonal: full and fully visible, no masks.
     for t in range(0, n_full * SUB):
@@ -143,11 +139,10 @@ def _bsa_fp8_kernel(q_ptr, k_ptr, v_ptr, o_ptr, qs_ptr, ks_ptr, vs_ptr, num_ptr,
 
     # 2. The diagonal block, if kept: sub-tiles ending at or before start_m unmasked, those
     # crossing the tile masked (causal, sequence end), later ones skipped.
-    first_after = tl.load(idx_row + n_full * sin, mask=n_full < num, other=-1)
     diag_lo = i.to(tl.int64) * BLOCK_SIZE
     mask_lo = diag_lo + ((start_m - diag_lo) // BLOCK_N) * BLOCK_N
-    diag_hi = tl.where(first_after == i, tl.minimum(start_m + BLOCK_M, S), diag_lo)
-    open_hi = tl.where(first_after == i, mask_lo, diag_lo)
+    diag_hi = tl.where(diag, tl.minimum(start_m + BLOCK_M, S), diag_lo)
+    open_hi = tl.where(diag, mask_lo, diag_lo)
     s_diag = q_scale * tl.load(ks_row + i * sksm)
     u_diag = tl.load(vs_row + i * svsm) / _P_SCALE
     for start_n in range(diag_lo, open_hi, BLOCK_N):

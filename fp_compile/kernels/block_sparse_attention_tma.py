@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .attention_tiles import _kept_split
 from .block_sparse_attention import block_sparse_attention, capture_tile
 from .utils import LOG2E, check_kernel_dtype, interpreting, launcher
 
@@ -164,11 +165,7 @@ def _bsa_variant_kernel(q_ptr, k_src, v_src, o_ptr, num_ptr, idx_ptr,
 
     num = tl.load(num_ptr + b * snb + h * snh + li * snm)
     idx_row = idx_ptr + b * sib + h * sih + li.to(tl.int64) * sim
-    n_full = num   # kept entries before the diagonal (trim the ascending list's tail >= i)
-    last = tl.load(idx_row + (n_full - 1) * sin, mask=n_full > 0, other=-1)
-    while last >= i:
-        n_full -= 1
-        last = tl.load(idx_row + (n_full - 1) * sin, mask=n_full > 0, other=-1)
+    n_full, diag = _kept_split(idx_row, sin, num, i)   # entries before the diagonal; is it kept
 
     # 1. Kept blocks before the diagonal: full and fully visible, no masks.
     for t in range(0, n_full * SUB):
@@ -178,11 +175,10 @@ def _bsa_variant_kernel(q_ptr, k_src, v_src, o_ptr, num_ptr, idx_ptr,
 
     # 2. The diagonal block, when kept: unmasked key sub-tiles ending before the tile's first
     # row, then the ones crossing it (causal and sequence-end masks).
-    first_after = tl.load(idx_row + n_full * sin, mask=n_full < num, other=-1)
     diag_lo = i * BLOCK_SIZE
     mask_lo = diag_lo + ((start_m - diag_lo) // BLOCK_N) * BLOCK_N
-    diag_hi = tl.where(first_after == i, tl.minimum(start_m + BLOCK_M, S), diag_lo)
-    open_hi = tl.where(first_after == i, mask_lo, diag_lo)
+    diag_hi = tl.where(diag, tl.minimum(start_m + BLOCK_M, S), diag_lo)
+    open_hi = tl.where(diag, mask_lo, diag_lo)
     for start_n in range(diag_lo, open_hi, BLOCK_N):
         k, v = _load_kv(k_base, v_base, start_n, row0, sks, svs, k_tile, v_tile, kv_d_mask,
                         TMA, PAD_D)

@@ -156,16 +156,27 @@ def test_mean_correction_changes_the_output_and_uses_given_means():
     assert (shifted - given_means).abs().max() > 1e-3
 
 
-def test_entries_after_the_diagonal_are_ignored():
+def selection_past_diagonal(B, H, S, block_size, seed=7, device=DEVICE):
+    """A compact selection whose rows also name blocks past the diagonal (j > i): random
+    blocks on both sides, the diagonal kept in some rows and not in others, block 0 always."""
+    M = ku.cdiv(S, block_size)
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(B, H, M, M, generator=g) < 0.5
+    keep[..., 0] = True
+    assert (keep & torch.ones(M, M, dtype=torch.bool).triu(1)).any()
+    assert keep.diagonal(dim1=-2, dim2=-1)[..., 1:].any()
+    assert not keep.diagonal(dim1=-2, dim2=-1).all()
+    return tuple(t.to(device) for t in ku.compact_mask(keep))
+
+
+@pytest.mark.parametrize("mean_correction", [False, True])
+def test_entries_after_the_diagonal_are_ignored(mean_correction):
     """Kept lists may name blocks past the diagonal; like the reference, they add nothing."""
     B, H, S, bs = 1, 2, 80, 16
-    M = ku.cdiv(S, bs)
     q, k, v = make_qkv(B, H, H, S, 16, torch.float32, seed=7)
-    g = torch.Generator().manual_seed(7)
-    keep = (torch.rand(B, H, M, M, generator=g) < 0.5) | torch.eye(M, dtype=torch.bool)
-    num, idx = (t.to(DEVICE) for t in ku.compact_mask(keep))
-    got = block_sparse_attention(q, k, v, num, idx, 0.25, bs, mean_correction=True)
-    expected = block_sparse_attention_reference(q, k, v, num, idx, 0.25, bs, True)
+    num, idx = selection_past_diagonal(B, H, S, bs)
+    got = block_sparse_attention(q, k, v, num, idx, 0.25, bs, mean_correction=mean_correction)
+    expected = block_sparse_attention_reference(q, k, v, num, idx, 0.25, bs, mean_correction)
     assert_close(got, expected, 2e-5, 2e-5)
 
 

@@ -13,7 +13,8 @@ from fp_compile.kernels.block_sparse_attention_fp8 import (FP8_TILES, block_spar
                                                            block_sparse_attention_fp8_reference)
 from fp_compile.kernels.fp8_quant import quantize_blocks, quantize_blocks_reference
 from tests.helpers import DEVICE, assert_close, gpu
-from tests.kernels.test_block_sparse_attention import make_qkv, random_selection
+from tests.kernels.test_block_sparse_attention import (make_qkv, random_selection,
+                                                       selection_past_diagonal)
 
 # e4m3 keeps 3 mantissa bits: q, k, v and p each carry up to 2^-4 relative rounding error.
 # Relative L2 of the reference vs exact attention on make_qkv's inputs (measured 0.03 at
@@ -82,6 +83,16 @@ def test_kernel_matches_reference(case):
 
 def test_kernel_diagonal_not_kept():
     check(1, 2, 1, 100, 32, 32, keep_diagonal=False)
+
+
+def test_kernel_entries_after_the_diagonal_are_ignored():
+    B, H, S, D, bs = 1, 2, 128, 32, 32
+    q, k, v = make_qkv(B, H, 1, S, D, torch.float16, seed=7)
+    num, idx = selection_past_diagonal(B, H, S, bs)
+    q8, k8, v8 = quantised(q, k, v, bs)
+    got = block_sparse_attention_fp8(q8, k8, v8, num, idx, 0.2, bs, torch.full_like(q, 7.0))
+    want = block_sparse_attention_fp8_reference(q8, k8, v8, num, idx, 0.2, bs, q.dtype)
+    assert_close(got, want, KERNEL_ATOL, KERNEL_RTOL)
 
 
 def test_kernel_sub_tiles_of_a_selection_block():

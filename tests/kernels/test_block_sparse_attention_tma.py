@@ -18,7 +18,7 @@ from fp_compile.kernels.block_sparse_attention import (block_sparse_attention,
                                                        block_sparse_attention_reference)
 from tests.helpers import assert_close, gpu
 from tests.kernels.test_block_sparse_attention import (TOLERANCE, make_qkv, poisoned_like,
-                                                       random_selection)
+                                                       random_selection, selection_past_diagonal)
 
 VARIANTS = sorted(bt.VARIANTS)
 
@@ -73,6 +73,18 @@ def test_sub_tiles_of_a_selection_block(variant, tile):
 @pytest.mark.parametrize("variant", ["ptr_fold", "tma"])
 def test_diagonal_not_kept(variant):
     check(variant, 1, 2, 2, 120, 16, 16, torch.float32, keep_diagonal=False)
+
+
+@pytest.mark.parametrize("variant", ["ptr_fold", "tma_fold"])
+def test_entries_after_the_diagonal_are_ignored(variant):
+    """Rows naming blocks past the diagonal (with and without the diagonal itself): those
+    blocks add nothing, as in the reference."""
+    B, H, S, D, bs = 1, 2, 96, 16, 16
+    q, k, v = make_qkv(B, H, 1, S, D, torch.float32, seed=7)
+    num, idx = selection_past_diagonal(B, H, S, bs)
+    got = bt.block_sparse_attention_variant(q, k, v, num, idx, 0.25, bs, variant=variant,
+                                            out=poisoned_like(q))
+    assert_close(got, block_sparse_attention_reference(q, k, v, num, idx, 0.25, bs), 2e-5, 2e-5)
 
 
 def test_q_start():
