@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import fp_compile  # noqa: E402
-from fp_compile import FlashPrefillConfig  # noqa: E402
+from fp_compile import FlashPrefillConfig, dispatch  # noqa: E402
 from fp_compile.demo.bench import poison_allocator, rel_err  # noqa: E402
 from fp_compile.demo.synthetic import planted_qkv  # noqa: E402
 
@@ -62,12 +62,20 @@ def main(argv=None) -> None:
     p.add_argument("--seq-lens", default="9001,33000")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--out", default="profile_dynamic")
+    p.add_argument("--configs", default="default,paper", help="default and / or paper")
+    p.add_argument("--variant", default=None,
+                   help="the opaque op's attention variant (dispatch.ATTENTION_VARIANT)")
+    p.add_argument("--with-stack", action="store_true",
+                   help="record Python functions in the traces (slower host; for attribution)")
     args = p.parse_args(argv)
+    if args.variant:
+        dispatch.ATTENTION_VARIANT = args.variant
     os.makedirs(args.out, exist_ok=True)
     rows = []
     with torch._dynamo.config.patch(recompile_limit=64):
-        for name, cfg in (("default", FlashPrefillConfig()),
-                          ("paper", FlashPrefillConfig.paper_rule())):
+        configs = {"default": FlashPrefillConfig(), "paper": FlashPrefillConfig.paper_rule()}
+        for name in args.configs.split(","):
+            cfg = configs[name]
             dynamic = torch.compile(Attention(), backend=fp_compile.make_backend(cfg),
                                     dynamic=True)
             for S in [int(s) for s in args.seq_lens.split(",")]:
@@ -83,7 +91,8 @@ def main(argv=None) -> None:
                     del out
                     row["synced_ms"] = synced_ms(lambda fn=fn: fn(q, k, v), args.reps)
                     path = os.path.join(args.out, f"trace_{name}_{S}_{kind}.json")
-                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                                 with_stack=args.with_stack) as prof:
                         for _ in range(3):
                             torch.cuda.synchronize()
                             with record_function("call"):

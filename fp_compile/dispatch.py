@@ -66,7 +66,7 @@ def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> to
     D = q.shape[-1]
     if (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
             and D % 8 == 0 and D <= 128 and torch.backends.cudnn.is_available()
-            and torch.cuda.get_device_capability(q.device) >= (9, 0)):
+            and ku.hopper(q.device)):
         return torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, False, 0.0, True, False, scale=scale)[0]
     return _sdpa_causal(q, k, v, scale)

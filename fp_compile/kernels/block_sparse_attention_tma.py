@@ -27,6 +27,7 @@ pays with larger tiles than the registers hold at D = 128.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -35,7 +36,7 @@ import triton.language as tl
 
 from .attention_tiles import _kept_split
 from .block_sparse_attention import block_sparse_attention, capture_tile
-from .utils import LOG2E, check_kernel_dtype, interpreting, launcher
+from .utils import LOG2E, check_kernel_dtype, hopper, interpreting, launcher
 
 # name -> constexprs. "ptr" is the existing kernel's math on this module's code (a control).
 VARIANTS = {
@@ -206,12 +207,17 @@ def _row_view(t: torch.Tensor) -> bool:
     return sd == 1 and (Hkv == 1 or sh == S * ss) and (B == 1 or sb == Hkv * S * ss)
 
 
+@functools.lru_cache(maxsize=None)
+def _has_host_descriptors() -> bool:
+    return importlib.util.find_spec("triton.tools.tensor_descriptor") is not None
+
+
 def tma_supported(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether k and v can be read through 2-D TMA descriptors (Hopper or later, or the
-    interpreter; 16-byte aligned base and row stride; rows addressable with int32)."""
-    if not (interpreting() or (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9)):
-        return False
-    if importlib.util.find_spec("triton.tools.tensor_descriptor") is None:
+    interpreter; 16-byte aligned base and row stride; rows addressable with int32).
+    The device and Triton checks are cached: uncached they took about 30 us of host time per
+    call on the H200's host (RESULTS.md run 60), which the GPU waits for at 32K tokens."""
+    if not (interpreting() or hopper(k.device)) or not _has_host_descriptors():
         return False
     for t in (k, v):
         B, Hkv, S, _ = t.shape

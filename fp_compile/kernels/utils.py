@@ -7,6 +7,7 @@ int32 + ``kv_indices`` (B, H, M, M) int32, rows ascending, entries past the coun
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -36,6 +37,13 @@ def launcher(kernel):
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return wrap_triton(kernel)
     return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def hopper(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA GPU of compute capability 9.0 or later (cached: the query
+    costs host time on every call otherwise)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def interpreting() -> bool:
