@@ -40,8 +40,7 @@ from .kernels.utils import Span
 
 def _fail(ok: torch.Tensor, message: str) -> None:
     """Stop the call where ``ok`` (a 0-dim bool tensor) is false, without a host read on CUDA."""
-    if ok.device.type == "cuda" or torch.compiler.is_compiling() or (
-            torch._C._len_torch_dispatch_stack() > 0):
+    if ok.device.type == "cuda" or ku.tracing():
         torch._assert_async(ok, f"flash_prefill: {message}")
     elif not bool(ok):
         raise ValueError(f"flash_prefill: {message}")

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from .attention_tiles import _kept_split
 from .block_sparse_attention import block_sparse_attention, capture_tile
-from .utils import LOG2E, check_kernel_dtype, hopper, interpreting, launcher
+from .utils import LOG2E, check_kernel_dtype, hopper, interpreting, launcher, tracing
 
 # name -> constexprs. "ptr" is the existing kernel's math on this module's code (a control).
 VARIANTS = {
@@ -256,8 +256,7 @@ def block_sparse_attention_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Te
         raise ValueError(f"block_sparse_attention_variant: unknown variant {variant!r}; "
                          f"expected 'default' or one of {sorted(VARIANTS)}")
     flags = VARIANTS.get(variant)
-    tracing = torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-    if flags is not None and flags["TMA"] and (tracing or not tma_supported(k, v)):
+    if flags is not None and flags["TMA"] and (tracing() or not tma_supported(k, v)):
         # Run 45: the pointer variants are 1.02-1.04x the existing kernel at 8K-128K.
         flags = dict(flags, TMA=False)
     fallback = (flags is None or any(val not in (None, False) for val in options.values())

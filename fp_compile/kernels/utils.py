@@ -34,9 +34,13 @@ def launcher(kernel):
     """
     from torch.library import wrap_triton
 
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return wrap_triton(kernel)
-    return kernel
+    return wrap_triton(kernel) if tracing() else kernel
+
+
+def tracing() -> bool:
+    """Whether torch.compile, export or make_fx is tracing the current call (dynamo compiling,
+    or a torch dispatch mode such as the fake / proxy modes active), rather than running it."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
 @functools.lru_cache(maxsize=None)
