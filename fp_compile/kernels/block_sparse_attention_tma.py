@@ -215,8 +215,9 @@ def _has_host_descriptors() -> bool:
 def tma_supported(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether k and v can be read through 2-D TMA descriptors (Hopper or later, or the
     interpreter; 16-byte aligned base and row stride; rows addressable with int32).
-    The device and Triton checks are cached: uncached they took about 30 us of host time per
-    call on the H200's host (RESULTS.md run 60), which the GPU waits for at 32K tokens."""
+    The device and Triton checks are cached: uncached they took 70 us of a profiled call on
+    the H200's host (the profiler inflates host time about 2.3x; RESULTS.md run 60), time the
+    GPU waits for when a call at 32K tokens is synced."""
     if not (interpreting() or hopper(k.device)) or not _has_host_descriptors():
         return False
     for t in (k, v):
