@@ -69,9 +69,12 @@ def profile_one(q, k, v, name, cfg, args) -> None:
     gpu = (time.perf_counter() - t0) / args.calls * 1e6
     out = call()
     torch.cuda.synchronize()
+    from fp_compile.kernels.fast_launch import _LAUNCHERS
+
     print(f"== {name} S={args.seq_len}: host {host:.0f} us/call while queueing, "
           f"{gpu:.0f} us/call with the GPU's work; output equal to the first call: "
-          f"{bool(torch.equal(out, ref))}", flush=True)
+          f"{bool(torch.equal(out, ref))}; cached launches so far: "
+          f"{sum(f.hits for f in _LAUNCHERS.values())}", flush=True)
     if args.top:
         prof = cProfile.Profile()
         prof.enable()

@@ -285,11 +285,12 @@ def block_sparse_attention_variant(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     else:
         k_src, v_src = k, v
     grid = (B * H, triton.cdiv(SQ, bm))
-    kernel = _bsa_variant_kernel if flags["TMA"] else launcher(_bsa_variant_kernel)
-    kernel[grid](q, k_src, v_src, out, kv_num_blocks, kv_indices,
-                 *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                 *kv_num_blocks.stride(), *kv_indices.stride(),
-                 S, SQ, q_start, H, H // Hkv, Hkv, float(scale) * LOG2E,
-                 D=D, DP=DP, BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn,
-                 DOT_PRECISION=precision, **flags, num_warps=warps, num_stages=stages)
+    # (Never traced with TMA: the variant then reads through pointers, above.)
+    launcher(_bsa_variant_kernel)[grid](
+        q, k_src, v_src, out, kv_num_blocks, kv_indices,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *kv_num_blocks.stride(), *kv_indices.stride(),
+        S, SQ, q_start, H, H // Hkv, Hkv, float(scale) * LOG2E,
+        D=D, DP=DP, BLOCK_SIZE=block_size, BLOCK_M=bm, BLOCK_N=bn,
+        DOT_PRECISION=precision, **flags, num_warps=warps, num_stages=stages)
     return out

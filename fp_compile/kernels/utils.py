@@ -28,13 +28,21 @@ def launcher(kernel):
 
     While torch.compile, export or make_fx trace the call, ``torch.library.wrap_triton`` makes
     the launch visible to them (Inductor writes the kernel into its code). Called eagerly (the
-    opaque op, the eager API), the kernel is launched as it is: wrap_triton's eager dispatch
+    opaque op, the eager API), the kernel is launched without wrap_triton, whose eager dispatch
     costs host time that shows on the GPU wherever the host has just waited for it (the dense
-    fallback's decision: +0.43 ms at 32K and +0.88 ms at 128K on the H200, RESULTS.md run 15).
+    fallback's decision: +0.43 ms at 32K and +0.88 ms at 128K on the H200, RESULTS.md run 15),
+    and through ``fast_launch.launch``, which skips Triton's per-call binding once a kernel is
+    compiled for the call's key. In Triton's interpreter the kernel is launched as it is.
     """
     from torch.library import wrap_triton
 
-    return wrap_triton(kernel) if tracing() else kernel
+    if tracing():
+        return wrap_triton(kernel)
+    if interpreting():
+        return kernel
+    from .fast_launch import launch
+
+    return launch(kernel)
 
 
 def tracing() -> bool:
