@@ -26,6 +26,10 @@ is the one ``JITFunction.run`` would pick:
 Floats are keyed by type only (Triton does not specialise on them). An argument of another type
 makes the call take ``JITFunction.run``.
 
+One check of ``JITFunction.run`` is not repeated: that the module-level globals a kernel reads
+still hold the values it was compiled with (it raises if one changed). The kernels here read
+only constants that nothing reassigns.
+
 ``JITFunction.run`` is always taken in Triton's interpreter, while torch.compile traces
 (``launcher`` hands out ``wrap_triton`` instead), with launch hooks set (profilers read their
 metadata), and for anything that is not a plain ``JITFunction`` (autotuners).
