@@ -368,6 +368,12 @@ def run_case(S, bs, seed, strength, args):
             masks[f"{name}_floor{floor:g}"] = search(logits, cfg, M, bs, floor=floor)[0]
         est_mass = block_scores(logits, M, bs)[0]
         masks[f"topk_{name}"] = oracle_mask(masks["default"], est_mass, cfg, M)
+        if name in args.global_estimators:
+            # The call-wide allocation of the oracle, on ESTIMATED shares: does the estimate
+            # carry what the call-wide oracle gains over the per-row rule?
+            for f in args.global_factors:
+                masks[f"global_{name}_x{f:g}"] = global_oracle(masks["default"], est_mass, cfg,
+                                                               M, f)
     flags = vertical_slash_flags_reference(q, k, scale, bs, cfg.vs_threshold)
     masks["d_vs_guards"] = add_vertical_slash(masks["default"][None], *flags)[0]
     for t in args.vs_thresholds:
@@ -453,6 +459,9 @@ def main(argv=None):
     p.add_argument("--vs-thresholds", default="0.005")
     p.add_argument("--kappas", default="6,8,12")
     p.add_argument("--floors", default="0.9,0.95")
+    p.add_argument("--global-estimators", default="mean,b_sub4_lse",
+                   help="estimators also run through the call-wide allocation (global_oracle)")
+    p.add_argument("--global-factors", default="1,1.25")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default="")
     p.add_argument("--report", default="", help="only write this markdown from --json")
@@ -461,8 +470,10 @@ def main(argv=None):
         report(args.json, args.report)
         return
     torch.set_num_threads(args.threads)
-    for name in ("targets", "oracle_factors", "coverages", "floors", "vs_thresholds", "kappas"):
+    for name in ("targets", "oracle_factors", "coverages", "floors", "vs_thresholds", "kappas",
+                 "global_factors"):
         setattr(args, name, [float(x) for x in getattr(args, name).split(",") if x])
+    args.global_estimators = [x for x in args.global_estimators.split(",") if x]
     rows = []
     for S in [int(x) for x in args.seq_lens.split(",")]:
         for bs in [int(x) for x in args.block_sizes.split(",")]:
