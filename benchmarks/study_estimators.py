@@ -31,6 +31,7 @@ from fp_compile.demo.synthetic import planted_qkv_with_info  # noqa: E402
 from fp_compile.kernels.search_reference import (guarded_choice, guard_rungs,  # noqa: E402
                                                  structural_keep)
 from fp_compile.kernels.vertical_slash import (add_vertical_slash,  # noqa: E402
+                                               flags_from_scores,
                                                vertical_slash_flags_reference)
 from fp_compile.selection import select_mask  # noqa: E402
 
@@ -261,6 +262,37 @@ def coverage_oracle(block_mass, cfg, M, coverage):
     return top | structural
 
 
+# ------------------------------------------------- (d') the vertical/slash probe on fewer rows
+
+def vs_flags_rows(q, k, scale, bs, threshold, n_rows):
+    """``vertical_slash_flags_reference`` with the probe cut to the last ``n_rows`` rows of the
+    prompt (the reference's math on those rows): its dots cost n_rows / bs of the full probe's.
+    Column score: mean over the rows of p[r, s]; diagonal score: the smaller of the two halves'
+    mean excess over the columns, as the reference."""
+    B, H, S, D = q.shape
+    Hkv = k.shape[1]
+    r0 = S - n_rows
+    rows = torch.arange(r0, S)
+    qc = q[:, :, r0:].unflatten(1, (Hkv, H // Hkv))
+    logits = scale * torch.matmul(qc, k.unsqueeze(2).transpose(-1, -2))
+    cols = torch.arange(S)
+    logits = logits.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+    p = torch.softmax(logits, dim=-1).flatten(1, 2)              # (B, H, R, S)
+    column = p.mean(dim=-2)
+    key = rows[:, None] - cols[None, :]
+    index = key.clamp_min(0).expand(B, H, -1, -1)
+    excess = (p.gather(-1, index) - column[:, :, None, :].expand_as(p).gather(-1, index))
+    excess = excess * (key >= 0)
+    R = excess.shape[-2]
+    if R == 1:
+        diagonal = excess[..., 0, :]
+    else:
+        half = R // 2
+        diagonal = torch.minimum(excess[..., :half, :].sum(-2) / R * 2,
+                                 excess[..., half:, :].sum(-2) / R * 2)
+    return flags_from_scores(column, diagonal, bs, threshold)
+
+
 # ------------------------------------------------------------ (f) the spread median probe
 
 def median_probe_scores(q, k, scale, bs, n_rows=64):
@@ -379,6 +411,10 @@ def run_case(S, bs, seed, strength, args):
     for t in args.vs_thresholds:
         f = vertical_slash_flags_reference(q, k, scale, bs, t)
         masks[f"d_vs{t:g}"] = add_vertical_slash(masks["default"][None], *f)[0]
+    for t in args.vs_thresholds:
+        for n in args.vs_rows:
+            f = vs_flags_rows(q, k, scale, bs, t, n)
+            masks[f"d_vs{t:g}_r{n}"] = add_vertical_slash(masks["default"][None], *f)[0]
     for kappa in args.kappas:
         f = median_probe_flags(q, k, scale, bs, kappa)
         masks[f"f_median{kappa:g}"] = add_vertical_slash(masks["default"][None], *f)[0]
@@ -462,6 +498,8 @@ def main(argv=None):
     p.add_argument("--global-estimators", default="mean,b_sub4_lse",
                    help="estimators also run through the call-wide allocation (global_oracle)")
     p.add_argument("--global-factors", default="1,1.25")
+    p.add_argument("--vs-rows", default="128,32",
+                   help="probe rows of the vertical/slash variants d_vs<t>_r<n>")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default="")
     p.add_argument("--report", default="", help="only write this markdown from --json")
@@ -474,6 +512,7 @@ def main(argv=None):
                  "global_factors"):
         setattr(args, name, [float(x) for x in getattr(args, name).split(",") if x])
     args.global_estimators = [x for x in args.global_estimators.split(",") if x]
+    args.vs_rows = [int(x) for x in args.vs_rows.split(",") if x]
     rows = []
     for S in [int(x) for x in args.seq_lens.split(",")]:
         for bs in [int(x) for x in args.block_sizes.split(",")]:
