@@ -81,6 +81,7 @@ class FastLaunch:
         self.defaults = [p.default if p.has_default else _MISSING for p in kernel.params]
         self.compiled: OrderedDict = OrderedDict()
         self.hits = 0       # launches from the cache (for tests and benchmarks)
+        self.off = False    # set when the launcher refused the cached call (another Triton)
         self.descriptor = _descriptor_type()
 
     def __getitem__(self, grid):
@@ -119,7 +120,7 @@ class FastLaunch:
         return tuple(parts), options
 
     def _launch(self, grid, *args, **kwargs):
-        vals = self.values(args, kwargs)
+        vals = None if self.off else self.values(args, kwargs)
         key = None if vals is None else self.key(vals, kwargs)
         compiled = None if key is None else self.compiled.get(key)
         hooks = _idle_hooks()
@@ -131,11 +132,18 @@ class FastLaunch:
                     self.compiled.popitem(last=False)
             return compiled
         self.compiled.move_to_end(key)
-        self.hits += 1
         g0, g1, g2 = (grid + (1, 1))[:3]
         stream = torch.cuda.current_stream().cuda_stream
-        compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None,
-                     *hooks, *vals)
+        try:
+            compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None,
+                         *hooks, *vals)
+        except TypeError:
+            # The launcher parses its arguments before it launches: a Triton whose launcher
+            # takes another call refuses this one here. Take JITFunction.run from now on.
+            self.off = True
+            self.compiled.clear()
+            return self.kernel[grid](*args, **kwargs)
+        self.hits += 1
         return compiled
 
 
@@ -151,5 +159,9 @@ def launch(kernel):
         return kernel
     fast = _LAUNCHERS.get(kernel)
     if fast is None:
-        fast = _LAUNCHERS[kernel] = FastLaunch(kernel)
+        try:
+            fast = FastLaunch(kernel)
+        except AttributeError:  # a JITFunction without the parameter list read here
+            fast = kernel
+        _LAUNCHERS[kernel] = fast
     return fast

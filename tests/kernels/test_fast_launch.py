@@ -12,13 +12,14 @@ import math
 
 import pytest
 import torch
+import triton.language as tl
 
 from fp_compile.kernels import fast_launch as fl
 from tests.helpers import gpu
 
 
-def body(x_ptr, y_ptr, n, scale, BLOCK: "tl.constexpr", FLAG: "tl.constexpr" = False,  # noqa: F821
-         EXTRA: "tl.constexpr" = 3):  # noqa: F821
+def body(x_ptr, y_ptr, n, scale, BLOCK: tl.constexpr, FLAG: tl.constexpr = False,
+         EXTRA: tl.constexpr = 3):
     pass
 
 
@@ -148,6 +149,21 @@ def test_cache_is_bounded(fake_cuda, monkeypatch):
     assert len(fast.compiled) == 3
     fast[(1,)](x, y, 0, 0.5, BLOCK=16)           # evicted: JITFunction.run again
     assert len(k.slow) == 6
+
+
+def test_a_launcher_that_refuses_the_cached_call_turns_the_cache_off(fake_cuda):
+    """A Triton whose launcher takes another call raises TypeError before launching: that
+    launch and every later one go through JITFunction.run."""
+    k = StandIn()
+
+    def refuse(*args):
+        raise TypeError("launcher takes another call")
+    k.compiled.run = refuse
+    fast = fl.FastLaunch(k)
+    x, y = torch.randn(64), torch.randn(64)
+    for _ in range(3):
+        fast[(1,)](x, y, 64, 0.5, BLOCK=16)
+    assert fast.off and fast.hits == 0 and len(k.slow) == 3
 
 
 def test_interpreted_kernels_and_autotuners_are_left_as_they_are():
