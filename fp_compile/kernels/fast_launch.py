@@ -30,6 +30,10 @@ One check of ``JITFunction.run`` is not repeated: that the module-level globals 
 still hold the values it was compiled with (it raises if one changed). The kernels here read
 only constants that nothing reassigns.
 
+If the launcher refuses the cached call (a TypeError, raised while it parses its arguments,
+before it launches: a Triton whose launcher takes another call), that launch and every later
+one of the kernel take ``JITFunction.run``.
+
 ``JITFunction.run`` is always taken in Triton's interpreter, while torch.compile traces
 (``launcher`` hands out ``wrap_triton`` instead), with launch hooks set (profilers read their
 metadata), and for anything that is not a plain ``JITFunction`` (autotuners).
@@ -49,8 +53,8 @@ _EXACT = (int, bool, str, type(None))
 
 def _idle_hooks():
     """Triton's launch hooks (enter, exit) when none would run (None, or an empty hook chain
-    as Triton 3.9 keeps), to pass on as JITFunction.run does; None when a hook is set (a
-    profiler wants the launch metadata) or there is no knob to read (an older Triton)."""
+    as Triton 3.6 and 3.9 keep), to pass on as JITFunction.run does; None when a hook is set
+    (a profiler wants the launch metadata) or there is no knob to read (an older Triton)."""
     import triton
 
     runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
@@ -122,7 +126,10 @@ class FastLaunch:
     def _launch(self, grid, *args, **kwargs):
         vals = None if self.off else self.values(args, kwargs)
         key = None if vals is None else self.key(vals, kwargs)
-        compiled = None if key is None else self.compiled.get(key)
+        try:
+            compiled = None if key is None else self.compiled.get(key)
+        except TypeError:   # an unhashable constexpr value: no key
+            key = compiled = None
         hooks = _idle_hooks()
         if compiled is None or hooks is None:
             compiled = self.kernel[grid](*args, **kwargs)
