@@ -32,7 +32,8 @@ from fp_compile.kernels.search_reference import (guarded_choice, guard_rungs,  #
                                                  structural_keep)
 from fp_compile.kernels.vertical_slash import (add_vertical_slash,  # noqa: E402
                                                flags_from_scores,
-                                               vertical_slash_flags_reference)
+                                               vertical_slash_flags_reference,
+                                               vertical_slash_scores_reference)
 from fp_compile.selection import select_mask  # noqa: E402
 
 CATEGORIES = ("sink", "column", "slash", "retrieval", "span", "diffuse")
@@ -266,30 +267,9 @@ def coverage_oracle(block_mass, cfg, M, coverage):
 
 def vs_flags_rows(q, k, scale, bs, threshold, n_rows):
     """``vertical_slash_flags_reference`` with the probe cut to the last ``n_rows`` rows of the
-    prompt (the reference's math on those rows): its dots cost n_rows / bs of the full probe's.
-    Column score: mean over the rows of p[r, s]; diagonal score: the smaller of the two halves'
-    mean excess over the columns, as the reference."""
-    B, H, S, D = q.shape
-    Hkv = k.shape[1]
-    r0 = S - n_rows
-    rows = torch.arange(r0, S)
-    qc = q[:, :, r0:].unflatten(1, (Hkv, H // Hkv))
-    logits = scale * torch.matmul(qc, k.unsqueeze(2).transpose(-1, -2))
-    cols = torch.arange(S)
-    logits = logits.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
-    p = torch.softmax(logits, dim=-1).flatten(1, 2)              # (B, H, R, S)
-    column = p.mean(dim=-2)
-    key = rows[:, None] - cols[None, :]
-    index = key.clamp_min(0).expand(B, H, -1, -1)
-    excess = (p.gather(-1, index) - column[:, :, None, :].expand_as(p).gather(-1, index))
-    excess = excess * (key >= 0)
-    R = excess.shape[-2]
-    if R == 1:
-        diagonal = excess[..., 0, :]
-    else:
-        half = R // 2
-        diagonal = torch.minimum(excess[..., :half, :].sum(-2) / R * 2,
-                                 excess[..., half:, :].sum(-2) / R * 2)
+    prompt (the reference's scores on those rows, the same flag rule): its dots cost
+    n_rows / bs of the full probe's."""
+    column, diagonal = vertical_slash_scores_reference(q, k, scale, bs, n_rows=n_rows)
     return flags_from_scores(column, diagonal, bs, threshold)
 
 

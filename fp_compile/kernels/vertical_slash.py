@@ -172,11 +172,13 @@ def _check(q: torch.Tensor, block_size: int, variant: str | None) -> str:
 # ------------------------------------------------------------------------------ reference
 
 def vertical_slash_scores_reference(q: torch.Tensor, k: torch.Tensor, scale: float,
-                                    block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                                    block_size: int, n_rows: int | None = None
+                                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-level attention of the last query block, per key column and per diagonal.
 
     The probe rows are the real rows r of the last query block (R = S - (M - 1) * block_size
-    of them) and p their exact causal softmax (cost: one query block of dense attention, as
+    of them; ``n_rows``: the last ``n_rows`` rows of the prompt instead, for studies of a cheaper
+    probe) and p their exact causal softmax (cost: one query block of dense attention, as
     MInference estimates vertical and slash lines). Returns two (B, H, S) tensors, fp32 (fp64
     for fp64 inputs):
 
@@ -190,6 +192,10 @@ def vertical_slash_scores_reference(q: torch.Tensor, k: torch.Tensor, scale: flo
     Hkv = k.shape[1]
     M = cdiv(S, block_size)
     r0 = (M - 1) * block_size
+    if n_rows is not None:
+        if not 1 <= n_rows <= S:
+            raise ValueError(f"vertical_slash_scores_reference: n_rows={n_rows} outside 1..{S}")
+        r0 = S - n_rows
     rows = torch.arange(r0, S, device=q.device)
     kf = k.to(acc_dtype(k))
     qc = group_view(q[:, :, r0:], Hkv).to(kf.dtype)

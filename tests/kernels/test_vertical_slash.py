@@ -66,6 +66,24 @@ def test_skew_flags_at_edge_thresholds_equal_the_rule_on_its_scores(threshold):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_reference_on_the_last_n_rows():
+    """``n_rows``: the probe on the prompt's last rows. A whole last block's worth equals the
+    default probe; one row's column scores are that row's softmax (computed here directly),
+    and one row has no excess on any diagonal."""
+    q, k, _ = planted_qkv(1, 4, 2, 256, 32, seed=3, dtype=torch.float32)
+    default = vertical_slash_scores_reference(q, k, 0.2, 64)
+    last_block = vertical_slash_scores_reference(q, k, 0.2, 64, n_rows=64)
+    assert all(torch.equal(a, b) for a, b in zip(default, last_block))
+    col, diag = vertical_slash_scores_reference(q, k, 0.2, 64, n_rows=1)
+    kk = k.repeat_interleave(2, dim=1)
+    want = torch.softmax(0.2 * (q[:, :, -1:] @ kk.transpose(-1, -2)), dim=-1)[:, :, 0]
+    assert_close(col, want, 1e-7, 1e-5, "one row's column scores")
+    assert torch.equal(diag, torch.zeros_like(diag))
+    for bad in (0, 257):
+        with pytest.raises(ValueError, match="n_rows"):
+            vertical_slash_scores_reference(q, k, 0.2, 64, n_rows=bad)
+
+
 @pytest.mark.parametrize("programs_per_sm", [1, 3, 64])
 def test_skew_any_number_of_programs(programs_per_sm):
     """One run of key tiles per head, several, or one tile per program: the same scores."""
