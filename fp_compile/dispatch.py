@@ -340,7 +340,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
     out, sel = sparse_chunks(q, k, v, scale, config, kmean, vmean, skip, attend=not all_dense,
                              with_mass=config.collect_stats, sel=sel, first=first,
                              vs_blocks=vs)
-    if flags is not None:
+    if any_dense:
         out = _dense_runs(q, k, v, scale, flags, out, ahead_dense)
     if config.collect_stats:
         _record(layer, q, k, config, sel, flags)
