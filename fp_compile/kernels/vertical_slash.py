@@ -41,9 +41,11 @@ DEFAULT_VARIANT = "skew"
 def vertical_slash_flags(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
                          threshold: float, kernel: bool | None = None, *,
                          variant: str | None = None, num_warps: int | None = None,
-                         programs_per_sm: int | None = None
+                         programs_per_sm: int | None = None, n_rows: int | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(column_blocks, diagonal_blocks), each (B, H, M) bool.
+
+    n_rows: the probe rows are the prompt's last n_rows rows (None: the last query block's).
 
     kernel: the Triton probe (``vertical_slash_scores``) or the reference; None picks the
     kernel where it runs (CUDA or the interpreter, a kernel dtype, blocks of at most 128).
@@ -53,18 +55,19 @@ def vertical_slash_flags(q: torch.Tensor, k: torch.Tensor, scale: float, block_s
         kernel = (q.is_cuda or interpreting()) and q.dtype in (
             torch.float16, torch.bfloat16, torch.float32) and block_size <= 128
     if kernel:
-        if _check(q, block_size, variant) == "skew":
+        if _check(q, block_size, variant, n_rows) == "skew":
             return skew_scores(q, k, scale, block_size, num_warps=num_warps,
-                               programs_per_sm=programs_per_sm, threshold=threshold)
+                               programs_per_sm=programs_per_sm, threshold=threshold,
+                               n_rows=n_rows)
         column, diagonal = vertical_slash_scores(q, k, scale, block_size, variant=variant,
-                                                 num_warps=num_warps)
+                                                 num_warps=num_warps, n_rows=n_rows)
         return flags_from_scores(column, diagonal, block_size, threshold)
     Hkv = k.shape[1]
     G = q.shape[1] // Hkv
     cols, diags = [], []
     for h in range(Hkv):   # one kv head at a time: scratch O(G * block * S)
         c, d = vertical_slash_flags_reference(q[:, h * G:(h + 1) * G], k[:, h:h + 1], scale,
-                                              block_size, threshold)
+                                              block_size, threshold, n_rows)
         cols.append(c)
         diags.append(d)
     return torch.cat(cols, dim=1), torch.cat(diags, dim=1)
@@ -91,8 +94,10 @@ def _probe_scores_kernel(q_ptr, k_ptr, lse_ptr, col_ptr, first_ptr, second_ptr,
     qk_scale = tl.cast(qk_scale, tl.float32)
     bh = tl.program_id(0)
     s0 = tl.program_id(1) * BLOCK
-    q, k_ptr, offs_r, offs_n, offs_d, rows, row_ok = probe_rows(
-        q_ptr, k_ptr, bh, sqb, sqh, sqs, sqd, skb, skh, S, R, H, G, D, DP, BLOCK)
+    q, k_ptr, offs_r, rows, row_ok, _ = probe_rows(
+        q_ptr, k_ptr, bh, sqb, sqh, sqs, sqd, skb, skh, S, R, H, G, D, DP, BLOCK, 1)
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, DP)
     s, visible = probe_logits(q, k_ptr, s0, offs_n, offs_d, rows, row_ok, S, sks, skd,
                               qk_scale, D, DOT_PRECISION)
     lse = tl.load(lse_ptr + bh * BLOCK + offs_r)
@@ -124,20 +129,20 @@ def _probe_scores_kernel(q_ptr, k_ptr, lse_ptr, col_ptr, first_ptr, second_ptr,
 
 def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
                           *, num_warps: int | None = None, diagonals: bool = True,
-                          variant: str | None = None, programs_per_sm: int | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          variant: str | None = None, programs_per_sm: int | None = None,
+                          n_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``vertical_slash_scores_reference``: (column, diagonal), each (B, H, S) fp32.
 
     q (B, H, S, D), k (B, Hkv, S, D), fp16/bf16/fp32, any strides; block_size <= 128.
     variant: one of ``VARIANTS`` (None: ``DEFAULT_VARIANT``), the same scores to fp32
     rounding. num_warps, programs_per_sm ("skew" only): launch options (tuning);
     diagonals=False skips the diagonal sums (tuning: their share of the time), leaving the
-    diagonal scores 0."""
-    variant = _check(q, block_size, variant)
+    diagonal scores 0. n_rows: as the reference's."""
+    variant = _check(q, block_size, variant, n_rows)
     if variant == "skew":
         return skew_scores(q, k, scale, block_size, num_warps=num_warps, diagonals=diagonals,
-                           programs_per_sm=programs_per_sm)
-    shape = probe_shape(q, k, block_size)
+                           programs_per_sm=programs_per_sm, n_rows=n_rows)
+    shape = probe_shape(q, k, block_size, n_rows)
     B, H, S, BLOCK = shape.B, shape.H, shape.S, shape.BLOCK
     per_split, splits = split_tiles(shape.tiles, 16)    # about 16 programs per head
     opts = launch_options(shape, num_warps)
@@ -158,8 +163,11 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_
     return column, torch.minimum(first, second) * (2.0 / shape.R)
 
 
-def _check(q: torch.Tensor, block_size: int, variant: str | None) -> str:
+def _check(q: torch.Tensor, block_size: int, variant: str | None,
+           n_rows: int | None = None) -> str:
     check_kernel_dtype(q, "vertical_slash_scores")
+    if n_rows is not None and not 1 <= n_rows <= 128:
+        raise ValueError(f"vertical_slash_scores: n_rows={n_rows} outside 1..128")
     if block_size > 128:
         raise ValueError(f"vertical_slash_scores: block_size={block_size} above 128 (the "
                          f"reference serves it)")
@@ -177,8 +185,8 @@ def vertical_slash_scores_reference(q: torch.Tensor, k: torch.Tensor, scale: flo
     """Token-level attention of the last query block, per key column and per diagonal.
 
     The probe rows are the real rows r of the last query block (R = S - (M - 1) * block_size
-    of them; ``n_rows``: the last ``n_rows`` rows of the prompt instead, for studies of a cheaper
-    probe) and p their exact causal softmax (cost: one query block of dense attention, as
+    of them; ``n_rows``: the last ``n_rows`` rows of the prompt instead (all S if fewer): a
+    cheaper probe, ``FlashPrefillConfig.vs_rows``) and p their exact causal softmax (cost: one query block of dense attention, as
     MInference estimates vertical and slash lines). Returns two (B, H, S) tensors, fp32 (fp64
     for fp64 inputs):
 
@@ -193,9 +201,9 @@ def vertical_slash_scores_reference(q: torch.Tensor, k: torch.Tensor, scale: flo
     M = cdiv(S, block_size)
     r0 = (M - 1) * block_size
     if n_rows is not None:
-        if not 1 <= n_rows <= S:
-            raise ValueError(f"vertical_slash_scores_reference: n_rows={n_rows} outside 1..{S}")
-        r0 = S - n_rows
+        if n_rows < 1:
+            raise ValueError(f"vertical_slash_scores_reference: n_rows={n_rows} below 1")
+        r0 = S - min(n_rows, S)
     rows = torch.arange(r0, S, device=q.device)
     kf = k.to(acc_dtype(k))
     qc = group_view(q[:, :, r0:], Hkv).to(kf.dtype)
@@ -220,7 +228,8 @@ def vertical_slash_scores_reference(q: torch.Tensor, k: torch.Tensor, scale: flo
 
 
 def vertical_slash_flags_reference(q: torch.Tensor, k: torch.Tensor, scale: float,
-                                   block_size: int, threshold: float
+                                   block_size: int, threshold: float,
+                                   n_rows: int | None = None
                                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Heavy key columns and diagonals as block flags, each (B, H, M) bool.
 
@@ -230,7 +239,7 @@ def vertical_slash_flags_reference(q: torch.Tensor, k: torch.Tensor, scale: floa
     read key block i - d: o = c * block_size + m sends rows of block i to key blocks i - c
     (rows r >= m within the block) and i - c - 1 (rows r < m, when m > 0).
     """
-    column, diagonal = vertical_slash_scores_reference(q, k, scale, block_size)
+    column, diagonal = vertical_slash_scores_reference(q, k, scale, block_size, n_rows)
     return flags_from_scores(column, diagonal, block_size, threshold)
 
 

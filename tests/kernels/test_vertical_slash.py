@@ -79,9 +79,47 @@ def test_reference_on_the_last_n_rows():
     want = torch.softmax(0.2 * (q[:, :, -1:] @ kk.transpose(-1, -2)), dim=-1)[:, :, 0]
     assert_close(col, want, 1e-7, 1e-5, "one row's column scores")
     assert torch.equal(diag, torch.zeros_like(diag))
-    for bad in (0, 257):
+    every = vertical_slash_scores_reference(q, k, 0.2, 64, n_rows=256)
+    more = vertical_slash_scores_reference(q, k, 0.2, 64, n_rows=257)   # all S rows
+    assert all(torch.equal(a, b) for a, b in zip(every, more))
+    for bad in (0, -3):
         with pytest.raises(ValueError, match="n_rows"):
             vertical_slash_scores_reference(q, k, 0.2, 64, n_rows=bad)
+
+
+# n_rows probe rows: packed query heads per program (``packing``): 4 heads of 32 rows, 2 of 16
+# (5 rows padded), 1 (G = 3), one row, more rows than a block, more rows than the prompt.
+# The gather variant (the interpreter is slow on its gathers) on the first case only.
+@pytest.mark.parametrize("B,H,Hkv,S,D,bs,n_rows,dtype,variant", [
+    (1, 8, 2, 300, 32, 64, 32, torch.float32, "skew"),
+    (1, 8, 2, 300, 32, 64, 32, torch.float32, "gather"),
+    (2, 4, 2, 200, 16, 32, 5, torch.float32, "skew"),
+    (1, 6, 2, 257, 32, 128, 16, torch.float16, "skew"),
+    (1, 4, 4, 130, 32, 64, 1, torch.float32, "skew"),
+    (1, 4, 2, 160, 32, 32, 64, torch.float32, "skew"),
+    (1, 2, 1, 40, 32, 32, 64, torch.float32, "skew"),
+])
+def test_last_rows_probe_matches_the_reference(B, H, Hkv, S, D, bs, n_rows, dtype, variant):
+    q, k, _ = planted_qkv(B, H, Hkv, S, D, seed=S + n_rows, dtype=dtype, device=DEVICE)
+    scale = 1 / math.sqrt(D)
+    col, diag = vertical_slash_scores(q, k, scale, bs, variant=variant, n_rows=n_rows)
+    ref_col, ref_diag = vertical_slash_scores_reference(q, k, scale, bs, n_rows=n_rows)
+    assert_close(col, ref_col, 2e-6, 1e-4, "column scores")
+    assert_close(diag, ref_diag, 2e-6, 1e-4, "diagonal scores")
+    if n_rows > 1:
+        assert ref_diag.abs().max() > 1e-3      # the diagonals are not all trivially zero
+    for threshold in (0.005, 0.015):
+        got = vertical_slash_flags(q, k, scale, bs, threshold, variant=variant, n_rows=n_rows)
+        want = vertical_slash_flags_reference(q, k, scale, bs, threshold, n_rows)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="n_rows=129"):
+        vertical_slash_scores(q, k, scale, bs, variant=variant, n_rows=129)
+
+
+def test_packing_of_query_heads():
+    from fp_compile.kernels.vertical_slash_skew import packing
+    assert packing(4, 32) == 4 and packing(4, 128) == 1 and packing(8, 16) == 8
+    assert packing(3, 16) == 1 and packing(6, 16) == 2 and packing(16, 16) == 8
 
 
 @pytest.mark.parametrize("programs_per_sm", [1, 3, 64])
