@@ -46,7 +46,8 @@ def measure(q, k, v, cfg: FlashPrefillConfig, rows) -> dict:
     t0 = time.perf_counter()
     keep = select_mask_reference(q, k, scale, cfg.block_size, cfg.alpha, cfg.sink_blocks,
                                      cfg.window_blocks, cfg.last_dense_blocks, cfg.gqa_shared,
-                                     cfg.vertical_slash, cfg.vs_threshold)
+                                     cfg.vertical_slash, cfg.vs_threshold,
+                                     vs_rows=cfg.vs_rows)
     M = keep.shape[-1]
     density = float(keep.sum()) / (keep.shape[0] * keep.shape[1] * M * (M + 1) / 2)
     recall = float(acc.mask_recall(q, k, keep, scale, cfg.block_size, rows).mean())

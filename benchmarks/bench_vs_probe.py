@@ -9,7 +9,12 @@ Per length, one JSON line per row:
   setting (num_warps; programs per SM for "skew"; with and without the diagonal sums);
 * ``flags``: the whole stage, ``vertical_slash_flags``, per variant and for the reference;
 * ``op`` (``--op``): the op (``flash_prefill``, the paper's rule) without the detector and with
-  it, per variant (``DEFAULT_VARIANT`` set for the call), and the stage's share of the op.
+  it, per variant (``DEFAULT_VARIANT`` set for the call), and the stage's share of the op; then
+  the default config without the detector and with it at ``--op-threshold``.
+
+``--rows``: the probe rows, 0 the last query block's, n the prompt's last n rows
+(``FlashPrefillConfig.vs_rows``); every row above is repeated per value (the last-rows probes
+time the "skew" settings only).
 
 B 1, H 32, Hkv 8, D 128, bf16, block 128, ``planted_qkv`` seed 0 (options change them).
 
@@ -63,16 +68,16 @@ def wall_time(fn, reps: int, warmup: int = 1) -> tuple[float, float]:
     return statistics.median(times), (max(times) - min(times)) / 2
 
 
-def check_rows(q, k, scale, bs, thr):
+def check_rows(q, k, scale, bs, thr, n_rows=None):
     """One ``check`` row per variant: scores and flags against the reference."""
-    ref_col, ref_diag = vs.vertical_slash_scores_reference(q, k, scale, bs)
+    ref_col, ref_diag = vs.vertical_slash_scores_reference(q, k, scale, bs, n_rows)
     want = vs.flags_from_scores(ref_col, ref_diag, bs, thr)
     near = float(min((ref_col - thr).abs().min(), (ref_diag - thr).abs().min()))
     rows = []
     for variant in vs.VARIANTS:
-        col, diag = vs.vertical_slash_scores(q, k, scale, bs, variant=variant)
+        col, diag = vs.vertical_slash_scores(q, k, scale, bs, variant=variant, n_rows=n_rows)
         got = vs.flags_from_scores(col, diag, bs, thr)
-        own = vs.vertical_slash_flags(q, k, scale, bs, thr, variant=variant)
+        own = vs.vertical_slash_flags(q, k, scale, bs, thr, variant=variant, n_rows=n_rows)
         rows.append({
             "row": "check", "variant": variant,
             "column_max_diff": (col - ref_col).abs().max().item(),
@@ -87,26 +92,36 @@ def check_rows(q, k, scale, bs, thr):
     return rows
 
 
-def op_rows(q, k, v, S, timer, reps):
-    """The op without the detector and with it, per variant; the stage's share of the op."""
+def op_rows(q, k, v, S, timer, reps, n_rows=None, op_threshold=0.005):
+    """The op without the detector and with it, per variant; the stage's share of the op. Then
+    the default config without and with the detector (default variant, ``op_threshold``)."""
     from fp_compile import FlashPrefillConfig, flash_prefill
 
     def op(cfg):
         return lambda: flash_prefill(q, k, v, enable_gqa=True, config=cfg)
 
     base = FlashPrefillConfig.paper_rule()
-    with_vs = FlashPrefillConfig.paper_rule(vertical_slash=True)
+    with_vs = FlashPrefillConfig.paper_rule(vertical_slash=True, vs_rows=n_rows or 0)
     base_ms = timer(op(base), reps)[0]
-    rows = [{"row": "op", "variant": "none", "S": S, "op_ms": base_ms}]
+    rows = [{"row": "op", "config": "paper", "variant": "none", "S": S, "op_ms": base_ms}]
     default = vs.DEFAULT_VARIANT
     try:
-        for variant in vs.VARIANTS:
+        for variant in (vs.VARIANTS if n_rows is None else ("skew",)):
             vs.DEFAULT_VARIANT = variant
             ms = timer(op(with_vs), reps)[0]
-            rows.append({"row": "op", "variant": variant, "S": S, "op_ms": ms,
-                         "stage_ms": ms - base_ms, "stage_share": (ms - base_ms) / ms})
+            rows.append({"row": "op", "config": "paper", "variant": variant, "S": S,
+                         "vs_rows": n_rows or 0, "op_ms": ms, "stage_ms": ms - base_ms,
+                         "stage_share": (ms - base_ms) / base_ms})
     finally:
         vs.DEFAULT_VARIANT = default
+    plain = FlashPrefillConfig()
+    detector = plain.replace(vertical_slash=True, vs_rows=n_rows or 0, vs_threshold=op_threshold)
+    plain_ms = timer(op(plain), reps)[0]
+    ms = timer(op(detector), reps)[0]
+    rows.append({"row": "op", "config": "default", "variant": "none", "S": S, "op_ms": plain_ms})
+    rows.append({"row": "op", "config": "default", "variant": vs.DEFAULT_VARIANT, "S": S,
+                 "vs_rows": n_rows or 0, "vs_threshold": op_threshold, "op_ms": ms,
+                 "stage_ms": ms - plain_ms, "stage_share": (ms - plain_ms) / plain_ms})
     return rows
 
 
@@ -114,23 +129,34 @@ def length_rows(args, S, timer, emit) -> None:
     q, k, v = planted_qkv(1, args.heads, args.kv_heads, S, args.head_dim, seed=0,
                           dtype=DTYPES[args.dtype], device=args.device)
     scale, bs, thr = args.head_dim ** -0.5, args.block_size, args.threshold
-    for row in check_rows(q, k, scale, bs, thr):
-        emit({"S": S, **row})
+    for n_rows in [int(r) or None for r in args.rows.split(",")]:
+        rows_rows(q, k, v, S, scale, bs, thr, n_rows, args, timer, emit)
+
+
+def rows_rows(q, k, v, S, scale, bs, thr, n_rows, args, timer, emit) -> None:
+    """Every row of one length for one probe-row setting (``n_rows``, None: the last block)."""
+    tag = {"S": S, "vs_rows": n_rows or 0}
+    for row in check_rows(q, k, scale, bs, thr, n_rows):
+        emit({**tag, **row})
     if q.is_cuda:
         torch.cuda.empty_cache()
     for variant, opts in SCORE_SETTINGS:
+        if n_rows is not None and variant != "skew":
+            continue
         ms, spread = timer(lambda: vs.vertical_slash_scores(
-            q, k, scale, bs, variant=variant, **opts), args.reps)
-        emit({"row": "scores", "S": S, "variant": variant, **opts, "ms": ms,
+            q, k, scale, bs, variant=variant, n_rows=n_rows, **opts), args.reps)
+        emit({"row": "scores", **tag, "variant": variant, **opts, "ms": ms,
               "spread_ms": spread})
     for variant in vs.VARIANTS:
         ms, spread = timer(lambda: vs.vertical_slash_flags(q, k, scale, bs, thr,
-                                                           variant=variant), args.reps)
-        emit({"row": "flags", "S": S, "variant": variant, "ms": ms, "spread_ms": spread})
-    ms, _ = timer(lambda: vs.vertical_slash_flags(q, k, scale, bs, thr, kernel=False), 3)
-    emit({"row": "flags", "S": S, "variant": "reference", "ms": ms})
+                                                           variant=variant, n_rows=n_rows),
+                           args.reps)
+        emit({"row": "flags", **tag, "variant": variant, "ms": ms, "spread_ms": spread})
+    ms, _ = timer(lambda: vs.vertical_slash_flags(q, k, scale, bs, thr, kernel=False,
+                                                  n_rows=n_rows), 3)
+    emit({"row": "flags", **tag, "variant": "reference", "ms": ms})
     if args.op:
-        for row in op_rows(q, k, v, S, timer, args.reps):
+        for row in op_rows(q, k, v, S, timer, args.reps, n_rows, args.op_threshold):
             emit(row)
 
 
@@ -146,6 +172,9 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--device", default="cuda")
     p.add_argument("--op", action="store_true", help="also time the op with/without the stage")
+    p.add_argument("--op-threshold", type=float, default=0.005,
+                   help="vs_threshold of the default config's op rows")
+    p.add_argument("--rows", default="0", help="probe rows per setting, 0: the last block")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     cuda = args.device == "cuda"

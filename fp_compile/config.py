@@ -54,6 +54,9 @@ class FlashPrefillConfig:
             query block they reach: what mean-pooled block scores dilute.
         vs_threshold: a column or diagonal is heavy when it holds at least this share of the
             last query block's attention mass (diagonals: beyond what columns explain).
+        vs_rows: the vertical/slash probe's rows: 0 (default) the last query block's, n in
+            1..128 the prompt's last n rows (a probe of 32 rows costs a quarter of a full
+            block's dots).
         mass_floor: the mass guard. The normalised block scores estimate each query block's
             attention mass per key block; a row whose kept estimated mass falls below this
             keeps more blocks, down a ladder of lower thresholds (alpha, alpha/4, alpha/16,
@@ -98,6 +101,7 @@ class FlashPrefillConfig:
     gqa_shared: bool = False
     vertical_slash: bool = False
     vs_threshold: float = 0.015
+    vs_rows: int = 0
     mass_floor: float = 0.8
     dense_above: float = 0.6
     fp8_attention: bool = False
@@ -123,6 +127,9 @@ class FlashPrefillConfig:
         _int("window_blocks", 1)
         _int("last_dense_blocks", 0)
         _int("min_seq_len", 0)
+        _int("vs_rows", 0)
+        if self.vs_rows > 128:
+            raise ValueError(f"FlashPrefillConfig.vs_rows must be <= 128, got {self.vs_rows}")
         _check_alpha("alpha", self.alpha)
         if self.kernel not in _KERNELS:
             raise ValueError(

@@ -30,7 +30,7 @@ from .passes.eligibility import check_inputs
 OP_CONFIG_FIELDS = (
     "block_size", "alpha", "sink_blocks", "window_blocks", "last_dense_blocks", "min_seq_len",
     "kernel", "mean_correction", "gqa_shared", "collect_stats", "vertical_slash", "vs_threshold",
-    "mass_floor", "dense_above", "fp8_attention", "slash_probe",
+    "mass_floor", "dense_above", "fp8_attention", "slash_probe", "vs_rows",
 )
 
 
@@ -55,14 +55,14 @@ def flash_prefill_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         collect_stats: bool, vertical_slash: bool = False,
                         vs_threshold: float = 0.015, mass_floor: float = 0.0,
                         dense_above: float = 1.0, fp8_attention: bool = False,
-                        slash_probe: float = 0.0,
+                        slash_probe: float = 0.0, vs_rows: int = 0,
                         layer: int = -1,
                         key_mask: Optional[torch.Tensor] = None,
                         q_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
     config = _config(block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
                      min_seq_len, kernel, mean_correction, gqa_shared, collect_stats,
                      vertical_slash, vs_threshold, mass_floor, dense_above, fp8_attention,
-                     slash_probe)
+                     slash_probe, vs_rows)
     # The fake kernel promises a contiguous output; the reference (and SDPA for short prompts)
     # follow q's layout, which is a transposed view in most models.
     if has_span(q, k, key_mask, q_pos):
@@ -90,7 +90,7 @@ def flash_prefill_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       collect_stats: bool, vertical_slash: bool = False,
                       vs_threshold: float = 0.015, mass_floor: float = 0.0,
                       dense_above: float = 1.0, fp8_attention: bool = False,
-                      slash_probe: float = 0.0,
+                      slash_probe: float = 0.0, vs_rows: int = 0,
                       layer: int = -1,
                       key_mask: Optional[torch.Tensor] = None,
                       q_pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +100,7 @@ def flash_prefill_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     config = _config(block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
                      min_seq_len, kernel, mean_correction, gqa_shared, collect_stats,
                      vertical_slash, vs_threshold, mass_floor, dense_above, fp8_attention,
-                     slash_probe)
+                     slash_probe, vs_rows)
     out, lse = spans.run(q, k, v, scale, config, layer, key_mask, q_pos, return_lse=True)
     return out.contiguous(), lse.contiguous()
 
@@ -120,7 +120,7 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      collect_stats: bool, vertical_slash: bool = False,
                      vs_threshold: float = 0.015, mass_floor: float = 0.0,
                      dense_above: float = 1.0, fp8_attention: bool = False,
-                     slash_probe: float = 0.0,
+                     slash_probe: float = 0.0, vs_rows: int = 0,
                      layer: int = -1,
                      key_mask: Optional[torch.Tensor] = None,
                      q_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -137,7 +137,7 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     check_inputs(q, k, v, provable=False, span=span)
     flat = (scale, block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
             min_seq_len, kernel, mean_correction, gqa_shared, collect_stats, vertical_slash,
-            vs_threshold, mass_floor, dense_above, fp8_attention, slash_probe, layer)
+            vs_threshold, mass_floor, dense_above, fp8_attention, slash_probe, vs_rows, layer)
     if span:
         # The span dispatch decides its dense fallback on the device, so nothing needs the
         # host: on CUDA with a static length it is traced and its kernels land in Inductor's

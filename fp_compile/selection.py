@@ -44,7 +44,8 @@ def select_mask(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPre
     return select_mask_reference(
         q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
         config.last_dense_blocks, config.gqa_shared, config.vertical_slash, config.vs_threshold,
-        config.mass_floor, return_mass=return_mass, slash_probe=config.slash_probe)
+        config.mass_floor, return_mass=return_mass, slash_probe=config.slash_probe,
+        vs_rows=config.vs_rows)
 
 
 def select(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig, *,
@@ -83,7 +84,8 @@ def vs_flags(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefil
     if config.vertical_slash:
         from .kernels.vertical_slash import vertical_slash_flags
 
-        flags = vertical_slash_flags(q, k, scale, config.block_size, config.vs_threshold)
+        flags = vertical_slash_flags(q, k, scale, config.block_size, config.vs_threshold,
+                                     n_rows=config.vs_rows or None)
     if config.slash_probe > 0:
         from .kernels.slash_probe import slash_probe_flags
 

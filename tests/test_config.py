@@ -38,6 +38,7 @@ _VALID = {
     "min_seq_len": st.integers(0, 2 ** 20),
     "kernel": st.sampled_from(_KERNELS),
     "vs_threshold": _unit,
+    "vs_rows": st.integers(0, 128),
     "slash_probe": st.floats(0.0, 64.0) | st.integers(0, 64),
     # users pass lists and dicts (torch.compile options); the config stores tuples
     "dense_layers": _layers | _layers.map(tuple),
@@ -54,6 +55,7 @@ _INVALID = {
     "min_seq_len": st.integers(max_value=-1),
     "kernel": st.text(max_size=10).filter(lambda s: s not in _KERNELS),
     "vs_threshold": _outside_unit | st.just(math.nan),
+    "vs_rows": st.integers(max_value=-1) | st.integers(min_value=129),
     "slash_probe": st.floats(max_value=0.0, exclude_max=True)
     | st.sampled_from([math.nan, math.inf, -math.inf]),
     "dense_layers": st.tuples(_layers, st.integers(max_value=-1) | st.sampled_from([True, "0", 1.0]))

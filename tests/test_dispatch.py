@@ -306,6 +306,19 @@ def test_select_with_vertical_slash_equals_the_reference(shared, floor):
     assert int(sel.num.sum()) > int(plain.num.sum()), "the detector should add blocks here"
 
 
+@pytest.mark.parametrize("rows", [8, 32])
+def test_select_with_a_last_rows_probe_equals_the_reference(rows):
+    # vs_rows: the probe on the prompt's last rows (fewer than a block, or two blocks' worth)
+    q, k, _ = planted_qkv(1, 4, 2, 384, 32, seed=7)
+    config = FlashPrefillConfig(**dict(TRITON, block_size=16), alpha=0.3, sink_blocks=1,
+                                window_blocks=1, last_dense_blocks=1, mass_floor=0.8,
+                                vertical_slash=True, vs_threshold=0.01, vs_rows=rows)
+    scale = 32 ** -0.5
+    sel, _ = assert_select_equals_reference(q, k, scale, config)
+    block = dispatch.select(q, k, scale, config.replace(vs_rows=0))
+    assert not torch.equal(sel.num, block.num), "the probe's rows should change the selection"
+
+
 def count_detector_calls(monkeypatch):
     """Count the calls of the vertical/slash detector (``vertical_slash_flags``)."""
     from fp_compile.kernels import vertical_slash as vsm

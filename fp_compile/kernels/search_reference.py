@@ -188,12 +188,14 @@ def select_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block_
                           last_dense_blocks: int, gqa_shared: bool = False,
                           vertical_slash: bool = False, vs_threshold: float = 0.015,
                           mass_floor: float = 0.0, *, return_mass: bool = False,
-                          span: Span | None = None, slash_probe: float = 0.0):
+                          span: Span | None = None, slash_probe: float = 0.0,
+                          vs_rows: int = 0):
     """Kept (query block, key block) pairs as a dense bool mask (B, H, M, M).
 
     With ``mass_floor`` > 0 a row whose kept estimated mass falls below it keeps more blocks
     (``guarded_choice``). With ``vertical_slash``, key blocks of heavy columns and diagonals
-    found by ``vertical_slash_flags_reference`` are added to every query block they reach;
+    found by ``vertical_slash_flags_reference`` (probe rows: the prompt's last ``vs_rows``, 0
+    the last query block's) are added to every query block they reach;
     with ``slash_probe`` (kappa) > 0, the diagonals of ``slash_probe_flags`` likewise.
     ``return_mass``: also return the estimated kept mass per row (B, H, M) fp32 (1 for dense
     rows), before the vertical/slash and GQA additions.
@@ -233,7 +235,8 @@ def select_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block_
         mass[:, :, t0:t1] = torch.where(dense_row[:, None], torch.ones_like(kept), kept)
     if vertical_slash:
         keep = add_vertical_slash(
-            keep, *vertical_slash_flags_reference(q, k, scale, block_size, vs_threshold))
+            keep, *vertical_slash_flags_reference(q, k, scale, block_size, vs_threshold,
+                                                  vs_rows or None))
     if slash_probe > 0:
         keep = add_vertical_slash(keep, *slash_probe_flags(q, k, scale, block_size, slash_probe))
     if gqa_shared:
