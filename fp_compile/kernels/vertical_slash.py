@@ -94,7 +94,7 @@ def _probe_scores_kernel(q_ptr, k_ptr, lse_ptr, col_ptr, first_ptr, second_ptr,
     qk_scale = tl.cast(qk_scale, tl.float32)
     bh = tl.program_id(0)
     s0 = tl.program_id(1) * BLOCK
-    q, k_ptr, offs_r, rows, row_ok, _ = probe_rows(
+    q, k_ptr, offs_r, rows, row_ok, bh0 = probe_rows(
         q_ptr, k_ptr, bh, sqb, sqh, sqs, sqd, skb, skh, S, R, H, G, D, DP, BLOCK, 1)
     offs_n = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, DP)

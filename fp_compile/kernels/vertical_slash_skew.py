@@ -137,14 +137,14 @@ def _probe_lse_kernel(q_ptr, k_ptr, m_ptr, l_ptr, sqb, sqh, sqs, sqd, skb, skh, 
     qk_scale = tl.cast(qk_scale, tl.float32)   # torch.compile may pass an fp64
     grp = tl.program_id(0)
     split = tl.program_id(1)
-    q, k_ptr, offs_i, rows, row_ok, _ = probe_rows(
+    q, k_ptr, offs_i, rows, row_ok, bh0 = probe_rows(
         q_ptr, k_ptr, grp, sqb, sqh, sqs, sqd, skb, skh, S, R, H, G, D, DP, NP, GP)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, DP)
     m_i = tl.full([GP * NP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP * NP], tl.float32)
     for t in range(split * TILES, tl.minimum(split * TILES + TILES, tl.cdiv(S, BN))):
-        s, _ = probe_logits(q, k_ptr, t * BN, offs_n, offs_d, rows, row_ok, S, sks, skd,
+        s, visible = probe_logits(q, k_ptr, t * BN, offs_n, offs_d, rows, row_ok, S, sks, skd,
                             qk_scale, D, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
