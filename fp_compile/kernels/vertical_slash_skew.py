@@ -315,6 +315,9 @@ def _finalize_kernel(col_ptr, first_ptr, second_ptr, diag_ptr, cflag_ptr, dflag_
 # H200, H 32, bf16 (RESULTS.md run 42): 1 / 2 / 4 programs per SM took 1.07 / 0.89 / 0.72 ms at
 # 32K and 4.25 / 3.54 / 3.01 ms at 128K (8 warps).
 PROGRAMS_PER_SM = 4
+# With query heads packed (the last 32 rows, 4 heads per program, run 66): 1 / 2 / 4 per SM took
+# 0.19 / 0.20 / 0.22 ms at 32K and 1.04 / 0.71 / 0.75 ms at 128K.
+PACKED_PROGRAMS_PER_SM = 2
 # Keys per tile of the skew programs (or the padded probe rows, if more).
 KEYS = 128
 
@@ -334,8 +337,9 @@ def skew_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
                 n_rows: int | None = None):
     """The "skew" variant: (column, diagonal) scores (B, H, S) fp32, or with a threshold the
     block flags (column_blocks, diagonal_blocks) (B, H, M) bool of ``flags_from_scores``.
-    Inputs as ``vertical_slash_scores``; programs_per_sm (default ``PROGRAMS_PER_SM``) sets the
-    splits of each head's key tiles so that B * H * splits is about that many programs per SM.
+    Inputs as ``vertical_slash_scores``; programs_per_sm (default ``PROGRAMS_PER_SM``, or
+    ``PACKED_PROGRAMS_PER_SM`` with heads packed) sets the splits of each head's key tiles so
+    that B * H // GP * splits is about that many programs per SM.
     The query heads of a kv group share programs (``packing``: one row tile, one K load) and the
     key tiles hold KEYS keys (at least the padded rows)."""
     shape = probe_shape(q, k, block_size, n_rows)
@@ -348,8 +352,8 @@ def skew_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     else:
         sms = 4
-    per_split, splits = split_tiles(tiles, cdiv((programs_per_sm or PROGRAMS_PER_SM) * sms,
-                                                groups))
+    per_sm = programs_per_sm or (PACKED_PROGRAMS_PER_SM if GP > 1 else PROGRAMS_PER_SM)
+    per_split, splits = split_tiles(tiles, cdiv(per_sm * sms, groups))
     opts = {} if interpreting() else dict(
         num_warps=num_warps or (8 if GP * NP * shape.DP >= 128 * 128 else 4))
     qk_scale = float(scale) * LOG2E
