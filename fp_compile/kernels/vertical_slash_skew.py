@@ -214,14 +214,12 @@ def _skew_scores_kernel(q_ptr, k_ptr, m_ptr, l_ptr, col_ptr, first_ptr, second_p
     offs_c = tl.arange(0, 2 * BN)
     scr = scr_ptr + (grp * n_split + split).to(tl.int64) * (2 * GP * NP * BN)
     t_end = tl.minimum(split * TILES + TILES, tiles)
-    # The next key tile is loaded one iteration ahead by hand: the barriers below keep
-    # Triton's pipeliner off this loop.
-    k_next = probe_keys(k_ptr, split * TILES * BN, offs_n, offs_d, S, sks, skd, D)
+    # No key tile is loaded ahead by hand: the barrier below keeps Triton's pipeliner off this
+    # loop, and a tile held in registers for the next iteration made the kernel spill (255
+    # registers at 8 warps, RESULTS.md run 66's ncu; run 67: 2-15% faster without).
     for t in range(split * TILES, t_end):
         s0 = t * BN
-        k = k_next
-        k_next = probe_keys(k_ptr, s0 + BN, offs_n, offs_d, tl.minimum(S, t_end * BN),
-                            sks, skd, D)
+        k = probe_keys(k_ptr, s0, offs_n, offs_d, S, sks, skd, D)
         s, visible = tile_logits(q, k, s0, offs_n, rows, row_ok, S, qk_scale, DOT_PRECISION)
         p = tl.where(visible, tl.math.exp2(s - lse[:, None]), 0.0)
         column = tl.sum(tl.reshape(p, (GP, NP, BN)), 1) / R                       # (GP, BN)
@@ -315,9 +313,12 @@ def _finalize_kernel(col_ptr, first_ptr, second_ptr, diag_ptr, cflag_ptr, dflag_
 # H200, H 32, bf16 (RESULTS.md run 42): 1 / 2 / 4 programs per SM took 1.07 / 0.89 / 0.72 ms at
 # 32K and 4.25 / 3.54 / 3.01 ms at 128K (8 warps).
 PROGRAMS_PER_SM = 4
-# With query heads packed (the last 32 rows, 4 heads per program, run 66): 1 / 2 / 4 per SM took
-# 0.19 / 0.20 / 0.22 ms at 32K and 1.04 / 0.71 / 0.75 ms at 128K.
+# With query heads packed (the last 32 rows, 4 heads per program, run 67, 4 warps): 2 / 4 per SM
+# took 0.182 / 0.194 ms at 32K and 0.668 / 0.658 ms at 128K.
 PACKED_PROGRAMS_PER_SM = 2
+# Run 67 (no key tile held ahead): 4 warps 0.56 / 2.58 ms (last block's rows, 4 per SM) and
+# 0.182 / 0.668 ms (last 32 rows, 2 per SM) at 32K / 128K; 8 warps 0.68 / 2.83 and 0.204 / 0.733.
+NUM_WARPS = 4
 # Keys per tile of the skew programs (or the padded probe rows, if more).
 KEYS = 128
 
@@ -354,8 +355,7 @@ def skew_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
         sms = 4
     per_sm = programs_per_sm or (PACKED_PROGRAMS_PER_SM if GP > 1 else PROGRAMS_PER_SM)
     per_split, splits = split_tiles(tiles, cdiv(per_sm * sms, groups))
-    opts = {} if interpreting() else dict(
-        num_warps=num_warps or (8 if GP * NP * shape.DP >= 128 * 128 else 4))
+    opts = {} if interpreting() else dict(num_warps=num_warps or NUM_WARPS)
     qk_scale = float(scale) * LOG2E
     m, l = lse_partials(q, k, shape, qk_scale, per_split, splits, opts, packed=GP, keys=BN)
     column = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
