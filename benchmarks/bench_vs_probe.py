@@ -52,8 +52,9 @@ SCORE_SETTINGS = [
     ("skew", dict(num_warps=8, programs_per_sm=4)),
     ("skew", dict(num_warps=4, programs_per_sm=2)),
     ("skew", dict(num_warps=4, programs_per_sm=4)),
-    ("skew", dict(num_warps=16, programs_per_sm=1)),
-    ("skew", dict(num_warps=16, programs_per_sm=2)),
+    ("skew", dict(num_warps=4, programs_per_sm=2, keys=64)),
+    ("skew", dict(num_warps=4, programs_per_sm=4, keys=64)),
+    ("skew", dict(num_warps=8, programs_per_sm=4, keys=64)),
     ("skew", dict(num_warps=8, programs_per_sm=2, diagonals=False)),
 ]
 

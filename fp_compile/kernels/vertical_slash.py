@@ -130,18 +130,20 @@ def _probe_scores_kernel(q_ptr, k_ptr, lse_ptr, col_ptr, first_ptr, second_ptr,
 def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
                           *, num_warps: int | None = None, diagonals: bool = True,
                           variant: str | None = None, programs_per_sm: int | None = None,
-                          n_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          n_rows: int | None = None, keys: int | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton ``vertical_slash_scores_reference``: (column, diagonal), each (B, H, S) fp32.
 
     q (B, H, S, D), k (B, Hkv, S, D), fp16/bf16/fp32, any strides; block_size <= 128.
     variant: one of ``VARIANTS`` (None: ``DEFAULT_VARIANT``), the same scores to fp32
-    rounding. num_warps, programs_per_sm ("skew" only): launch options (tuning);
+    rounding. num_warps, programs_per_sm and keys (keys per tile) for "skew" only: launch
+    options (tuning);
     diagonals=False skips the diagonal sums (tuning: their share of the time), leaving the
     diagonal scores 0. n_rows: as the reference's."""
     variant = _check(q, block_size, variant, n_rows)
     if variant == "skew":
         return skew_scores(q, k, scale, block_size, num_warps=num_warps, diagonals=diagonals,
-                           programs_per_sm=programs_per_sm, n_rows=n_rows)
+                           programs_per_sm=programs_per_sm, n_rows=n_rows, keys=keys)
     shape = probe_shape(q, k, block_size, n_rows)
     B, H, S, BLOCK = shape.B, shape.H, shape.S, shape.BLOCK
     per_split, splits = split_tiles(shape.tiles, 16)    # about 16 programs per head

@@ -335,18 +335,20 @@ def packing(G: int, rows: int) -> int:
 def skew_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, *,
                 num_warps: int | None = None, diagonals: bool = True,
                 programs_per_sm: int | None = None, threshold: float | None = None,
-                n_rows: int | None = None):
+                n_rows: int | None = None, keys: int | None = None):
     """The "skew" variant: (column, diagonal) scores (B, H, S) fp32, or with a threshold the
     block flags (column_blocks, diagonal_blocks) (B, H, M) bool of ``flags_from_scores``.
     Inputs as ``vertical_slash_scores``; programs_per_sm (default ``PROGRAMS_PER_SM``, or
     ``PACKED_PROGRAMS_PER_SM`` with heads packed) sets the splits of each head's key tiles so
     that B * H // GP * splits is about that many programs per SM.
     The query heads of a kv group share programs (``packing``: one row tile, one K load) and the
-    key tiles hold KEYS keys (at least the padded rows)."""
+    key tiles hold ``keys`` (default KEYS, a power of two) keys, at least the padded rows."""
     shape = probe_shape(q, k, block_size, n_rows)
     B, H, S, NP = shape.B, shape.H, shape.S, shape.BLOCK
     GP = packing(H // shape.Hkv, NP)
-    BN = max(KEYS, NP)
+    if keys is not None and (keys < 16 or keys & (keys - 1)):
+        raise ValueError(f"skew_scores: keys={keys}, not a power of two >= 16")
+    BN = max(keys or KEYS, NP)
     tiles = cdiv(S, BN)
     groups = B * H // GP
     if q.is_cuda and not interpreting():

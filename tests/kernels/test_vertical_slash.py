@@ -227,3 +227,15 @@ def test_gpu_compiled_op_with_the_detector_equals_eager():
 
     got = torch.compile(op, fullgraph=True, dynamic=False)(q, k, v)
     assert_close(got, op(q, k, v), 2e-2, 2e-2, "compiled vs eager")
+
+
+@pytest.mark.parametrize("keys", [16, 64])
+def test_skew_key_tiles_of_any_width(keys):
+    """Key tiles narrower than the default (at least the padded probe rows): the same scores."""
+    q, k, _ = planted_qkv(1, 4, 2, 230, 32, seed=8, dtype=torch.float32, device=DEVICE)
+    col, diag = vertical_slash_scores(q, k, 0.2, 64, variant="skew", n_rows=16, keys=keys)
+    ref_col, ref_diag = vertical_slash_scores_reference(q, k, 0.2, 64, n_rows=16)
+    assert_close(col, ref_col, 2e-6, 1e-4, "column scores")
+    assert_close(diag, ref_diag, 2e-6, 1e-4, "diagonal scores")
+    with pytest.raises(ValueError, match="keys=48"):
+        vertical_slash_scores(q, k, 0.2, 64, variant="skew", keys=48)
