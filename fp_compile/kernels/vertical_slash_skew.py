@@ -313,14 +313,12 @@ def _finalize_kernel(col_ptr, first_ptr, second_ptr, diag_ptr, cflag_ptr, dflag_
 # H200, H 32, bf16 (RESULTS.md run 42): 1 / 2 / 4 programs per SM took 1.07 / 0.89 / 0.72 ms at
 # 32K and 4.25 / 3.54 / 3.01 ms at 128K (8 warps).
 PROGRAMS_PER_SM = 4
-# With query heads packed (the last 32 rows, 4 heads per program, run 67, 4 warps): 2 / 4 per SM
-# took 0.182 / 0.194 ms at 32K and 0.668 / 0.658 ms at 128K.
-PACKED_PROGRAMS_PER_SM = 2
 # Run 67 (no key tile held ahead): 4 warps 0.56 / 2.58 ms (last block's rows, 4 per SM) and
 # 0.182 / 0.668 ms (last 32 rows, 2 per SM) at 32K / 128K; 8 warps 0.68 / 2.83 and 0.204 / 0.733.
 NUM_WARPS = 4
-# Keys per tile of the skew programs (or the padded probe rows, if more).
-KEYS = 128
+# Keys per tile of the skew programs (or the padded probe rows, if more). Last 32 rows, 4 warps,
+# 4 per SM (run 69): 64 keys 0.170 / 0.589 ms at 32K / 128K, 128 keys 0.194 / 0.659.
+KEYS = 64
 
 
 def packing(G: int, rows: int) -> int:
@@ -338,9 +336,9 @@ def skew_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
                 n_rows: int | None = None, keys: int | None = None):
     """The "skew" variant: (column, diagonal) scores (B, H, S) fp32, or with a threshold the
     block flags (column_blocks, diagonal_blocks) (B, H, M) bool of ``flags_from_scores``.
-    Inputs as ``vertical_slash_scores``; programs_per_sm (default ``PROGRAMS_PER_SM``, or
-    ``PACKED_PROGRAMS_PER_SM`` with heads packed) sets the splits of each head's key tiles so
-    that B * H // GP * splits is about that many programs per SM.
+    Inputs as ``vertical_slash_scores``; programs_per_sm (default ``PROGRAMS_PER_SM``) sets the
+    splits of each head's key tiles so that B * H // GP * splits is about that many programs
+    per SM.
     The query heads of a kv group share programs (``packing``: one row tile, one K load) and the
     key tiles hold ``keys`` (default KEYS, a power of two) keys, at least the padded rows."""
     shape = probe_shape(q, k, block_size, n_rows)
@@ -355,8 +353,8 @@ def skew_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     else:
         sms = 4
-    per_sm = programs_per_sm or (PACKED_PROGRAMS_PER_SM if GP > 1 else PROGRAMS_PER_SM)
-    per_split, splits = split_tiles(tiles, cdiv(per_sm * sms, groups))
+    per_split, splits = split_tiles(tiles, cdiv((programs_per_sm or PROGRAMS_PER_SM) * sms,
+                                                groups))
     opts = {} if interpreting() else dict(num_warps=num_warps or NUM_WARPS)
     qk_scale = float(scale) * LOG2E
     m, l = lse_partials(q, k, shape, qk_scale, per_split, splits, opts, packed=GP, keys=BN)
