@@ -2,7 +2,8 @@
 
 Mean-pooled block scores dilute one heavy key by the block size, so FlashPrefill's pattern
 search misses attention-sink-like columns and slash lines. This stage looks at the exact
-attention of the last query block (one block of dense attention per head), flags key blocks
+attention of the last query block (one block of dense attention per head; or of the prompt's
+last ``n_rows`` rows, ``FlashPrefillConfig.vs_rows``), flags key blocks
 holding a heavy column and diagonal block offsets holding a heavy diagonal
 (``vertical_slash_flags``, (B, H, M) each); the pattern search ORs them into its kept sets
 (``pattern_search(..., vs_blocks=)``), the reference into its mask (``add_vertical_slash``).
