@@ -55,6 +55,9 @@ SCORE_SETTINGS = [
     ("skew", dict(num_warps=4, programs_per_sm=2, keys=64)),
     ("skew", dict(num_warps=4, programs_per_sm=4, keys=64)),
     ("skew", dict(num_warps=8, programs_per_sm=4, keys=64)),
+    ("skew", dict(num_warps=4, programs_per_sm=8, keys=64)),
+    ("skew", dict(num_warps=4, programs_per_sm=4, keys=32)),
+    ("skew", dict(num_warps=4, programs_per_sm=8, keys=32)),
     ("skew", dict(num_warps=8, programs_per_sm=2, diagonals=False)),
 ]
 
