@@ -189,9 +189,9 @@ def vertical_slash_scores_reference(q: torch.Tensor, k: torch.Tensor, scale: flo
 
     The probe rows are the real rows r of the last query block (R = S - (M - 1) * block_size
     of them; ``n_rows``: the last ``n_rows`` rows of the prompt instead (all S if fewer): a
-    cheaper probe, ``FlashPrefillConfig.vs_rows``) and p their exact causal softmax (cost: one query block of dense attention, as
-    MInference estimates vertical and slash lines). Returns two (B, H, S) tensors, fp32 (fp64
-    for fp64 inputs):
+    cheaper probe, ``FlashPrefillConfig.vs_rows``) and p their exact causal softmax (cost: one
+    query block of dense attention, as MInference estimates vertical and slash lines). Returns
+    two (B, H, S) tensors, fp32 (fp64 for fp64 inputs):
 
     * ``column[s]`` = mean over r of p[r, s];
     * ``diagonal[o]`` = mean over r of (p[r, r - o] - column[r - o]) (terms with r - o < 0 are

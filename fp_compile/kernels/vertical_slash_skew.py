@@ -144,8 +144,8 @@ def _probe_lse_kernel(q_ptr, k_ptr, m_ptr, l_ptr, sqb, sqh, sqs, sqd, skb, skh, 
     m_i = tl.full([GP * NP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP * NP], tl.float32)
     for t in range(split * TILES, tl.minimum(split * TILES + TILES, tl.cdiv(S, BN))):
-        s, visible = probe_logits(q, k_ptr, t * BN, offs_n, offs_d, rows, row_ok, S, sks, skd,
-                            qk_scale, D, DOT_PRECISION)
+        s, visible = probe_logits(q, k_ptr, t * BN, offs_n, offs_d, rows, row_ok, S, sks,
+                                  skd, qk_scale, D, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.math.exp2(m_i - m_sub) + tl.sum(tl.math.exp2(s - m_sub[:, None]), 1)
