@@ -17,6 +17,7 @@ from fp_compile.kernels.vertical_slash import (add_vertical_slash,
                                               vertical_slash_flags_reference,
                                               vertical_slash_scores_reference)
 from fp_compile.demo.synthetic import planted_qkv
+from fp_compile.ops import OP_CONFIG_FIELDS, op_config_args
 from tests.helpers import assert_close, flash_prefill_reference
 
 
@@ -161,6 +162,25 @@ def test_op_with_vertical_slash_matches_reference():
     want = flash_prefill_reference(q, k, v, 1 / math.sqrt(32), 16, 0.3, 1, 1, 0, 0,
                                        vertical_slash=True, vs_threshold=0.01)
     assert_close(out, want, 1e-6, 1e-6)
+
+
+def test_op_with_a_last_rows_probe_matches_reference():
+    """vs_rows reaches the op (its schema's last field) and the reference's probe; a program
+    saved before the field existed (no vs_rows argument) runs the last-block probe."""
+    q, k, v = planted_qkv(1, 4, 2, 200, 32, seed=7)
+    options = dict(vertical_slash=True, vs_threshold=0.01, vs_rows=32, dense_above=1.0)
+    cfg = FlashPrefillConfig(block_size=16, alpha=0.3, sink_blocks=1, window_blocks=1,
+                             last_dense_blocks=0, min_seq_len=0, kernel="reference", **options)
+    assert OP_CONFIG_FIELDS[-1] == "vs_rows" and op_config_args(cfg)[-1] == 32
+    out = fp_compile.flash_prefill(q, k, v, enable_gqa=True, config=cfg)
+    want = flash_prefill_reference(q, k, v, 1 / math.sqrt(32), 16, 0.3, 1, 1, 0, 0, **options)
+    assert_close(out, want, 1e-6, 1e-6)
+    block = fp_compile.flash_prefill(q, k, v, enable_gqa=True, config=cfg.replace(vs_rows=0))
+    assert not torch.equal(out, block), "32 probe rows should select differently here"
+    old = torch.ops.fp_compile.flash_prefill(q, k, v, None, *op_config_args(cfg)[:-1])
+    assert torch.equal(old, block)
+    with pytest.raises(ValueError, match=r"FlashPrefillConfig\.vs_rows"):
+        FlashPrefillConfig(vs_rows=129)
 
 
 class TinyAttentionModel(nn.Module):
