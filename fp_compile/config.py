@@ -25,6 +25,9 @@ _BEYOND_PAPER_OFF: dict[str, Any] = {
     "slash_probe": 0.0,
 }
 
+# The vertical/slash detector's settings (``options_summary`` names those not at their default).
+_VS_SETTINGS = ("vs_threshold", "vs_rows")
+
 # Options a call with a span (padded batch, cached prefix, cache buffer) does not support: the
 # op refuses them there (``spans``) and the pass leaves such calls dense, naming the option.
 SPAN_UNSUPPORTED = ("mean_correction", "vertical_slash", "fp8_attention", "slash_probe")
@@ -168,12 +171,20 @@ class FlashPrefillConfig:
 
     def options_summary(self) -> str:
         """The beyond-paper options this config turns on, e.g. "mass_floor=0.8, dense_above=0.6"
-        ("" for the paper's rule); stats rows and ``explain`` show it."""
+        ("" for the paper's rule); stats rows and ``explain`` show it. The vertical/slash
+        detector's settings follow it where they are not the defaults, e.g.
+        "vertical_slash(vs_threshold=0.005, vs_rows=32)"."""
         parts = []
         for name, off in _BEYOND_PAPER_OFF.items():
             value = getattr(self, name)
             if value != off:
                 parts.append(name if isinstance(value, bool) else f"{name}={value:g}")
+        if self.vertical_slash:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            detail = [f"{name}={getattr(self, name):g}" for name in _VS_SETTINGS
+                      if getattr(self, name) != defaults[name]]
+            if detail:
+                parts[parts.index("vertical_slash")] = f"vertical_slash({', '.join(detail)})"
         return ", ".join(parts)
 
     def replace(self, **changes: Any) -> "FlashPrefillConfig":

@@ -210,3 +210,12 @@ def test_layer_overrides_accept_mappings_and_resolve_per_layer():
     assert cfg.for_layer(3).alpha == 0.05
     assert cfg.for_layer(2).alpha == cfg.alpha
     hash(cfg)
+
+
+def test_options_summary_names_the_detectors_settings():
+    assert FlashPrefillConfig.paper_rule().options_summary() == ""
+    on = FlashPrefillConfig.paper_rule(vertical_slash=True)
+    assert on.options_summary() == "vertical_slash"
+    assert on.replace(vs_rows=32, vs_threshold=0.005).options_summary() == (
+        "vertical_slash(vs_threshold=0.005, vs_rows=32)")
+    assert FlashPrefillConfig(vs_rows=32).options_summary() == "mass_floor=0.8, dense_above=0.6"
