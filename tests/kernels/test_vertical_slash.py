@@ -214,12 +214,13 @@ def test_columns_only_mode_keeps_the_columns(variant):
 
 
 @gpu
-def test_gpu_compiled_op_with_the_detector_equals_eager():
+@pytest.mark.parametrize("vs_rows", [0, 32])
+def test_gpu_compiled_op_with_the_detector_equals_eager(vs_rows):
     """The static compiled op traces the probe, the flags and the fused search into Inductor's
-    code (a bool flag view once failed to lower there)."""
+    code (a bool flag view once failed to lower there); vs_rows 32: the packed probe."""
     from fp_compile import FlashPrefillConfig, flash_prefill
 
-    cfg = FlashPrefillConfig.paper_rule(vertical_slash=True, min_seq_len=0)
+    cfg = FlashPrefillConfig.paper_rule(vertical_slash=True, min_seq_len=0, vs_rows=vs_rows)
     q, k, v = planted_qkv(1, 8, 2, 4096, 128, seed=1, dtype=torch.bfloat16, device="cuda")
 
     def op(q, k, v):
