@@ -31,9 +31,7 @@ from fp_compile.demo.synthetic import planted_qkv_with_info  # noqa: E402
 from fp_compile.kernels.search_reference import (guarded_choice, guard_rungs,  # noqa: E402
                                                  structural_keep)
 from fp_compile.kernels.vertical_slash import (add_vertical_slash,  # noqa: E402
-                                               flags_from_scores,
-                                               vertical_slash_flags_reference,
-                                               vertical_slash_scores_reference)
+                                               vertical_slash_flags_reference)
 from fp_compile.selection import select_mask  # noqa: E402
 
 CATEGORIES = ("sink", "column", "slash", "retrieval", "span", "diffuse")
@@ -263,16 +261,6 @@ def coverage_oracle(block_mass, cfg, M, coverage):
     return top | structural
 
 
-# ------------------------------------------------- (d') the vertical/slash probe on fewer rows
-
-def vs_flags_rows(q, k, scale, bs, threshold, n_rows):
-    """``vertical_slash_flags_reference`` with the probe cut to the last ``n_rows`` rows of the
-    prompt (the reference's scores on those rows, the same flag rule): its dots cost
-    n_rows / bs of the full probe's."""
-    column, diagonal = vertical_slash_scores_reference(q, k, scale, bs, n_rows=n_rows)
-    return flags_from_scores(column, diagonal, bs, threshold)
-
-
 # ------------------------------------------------------------ (f) the spread median probe
 
 def median_probe_scores(q, k, scale, bs, n_rows=64):
@@ -393,7 +381,8 @@ def run_case(S, bs, seed, strength, args):
         masks[f"d_vs{t:g}"] = add_vertical_slash(masks["default"][None], *f)[0]
     for t in args.vs_thresholds:
         for n in args.vs_rows:
-            f = vs_flags_rows(q, k, scale, bs, t, n)
+            # (d') the probe cut to the prompt's last n rows: n / bs of the full probe's dots
+            f = vertical_slash_flags_reference(q, k, scale, bs, t, n)
             masks[f"d_vs{t:g}_r{n}"] = add_vertical_slash(masks["default"][None], *f)[0]
     for kappa in args.kappas:
         f = median_probe_flags(q, k, scale, bs, kappa)
