@@ -39,6 +39,12 @@ def op_config_args(config: FlashPrefillConfig) -> tuple:
     return tuple(getattr(config, name) for name in OP_CONFIG_FIELDS)
 
 
+def _fields(arguments: dict) -> tuple:
+    """The config fields among an op body's arguments (its ``locals()`` on entry), in
+    ``OP_CONFIG_FIELDS`` order: the one place besides the schemas that lists them."""
+    return tuple(arguments[name] for name in OP_CONFIG_FIELDS)
+
+
 @functools.lru_cache(maxsize=64)
 def _config(*values) -> FlashPrefillConfig:
     """The op's flat arguments back into one config (validated once, here). Cached: the config
@@ -59,10 +65,7 @@ def flash_prefill_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         layer: int = -1,
                         key_mask: Optional[torch.Tensor] = None,
                         q_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-    config = _config(block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
-                     min_seq_len, kernel, mean_correction, gqa_shared, collect_stats,
-                     vertical_slash, vs_threshold, mass_floor, dense_above, fp8_attention,
-                     slash_probe, vs_rows)
+    config = _config(*_fields(locals()))
     # The fake kernel promises a contiguous output; the reference (and SDPA for short prompts)
     # follow q's layout, which is a transposed view in most models.
     if has_span(q, k, key_mask, q_pos):
@@ -97,10 +100,7 @@ def flash_prefill_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """flash_prefill that also returns the log-sum-exp per query row, (B, H, S_q) fp32 (natural
     log; -inf for a row that sees no key), so results over parts of the keys can be merged.
     Always runs the span dispatch (``spans``: its dense fallback is decided on the device)."""
-    config = _config(block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
-                     min_seq_len, kernel, mean_correction, gqa_shared, collect_stats,
-                     vertical_slash, vs_threshold, mass_floor, dense_above, fp8_attention,
-                     slash_probe, vs_rows)
+    config = _config(*_fields(locals()))
     out, lse = spans.run(q, k, v, scale, config, layer, key_mask, q_pos, return_lse=True)
     return out.contiguous(), lse.contiguous()
 
@@ -133,11 +133,10 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     The config fields' defaults in the schema are the paper's rule (guards off), so programs
     saved before a field existed run as they did.
     """
+    fields = _fields(locals())
     span = has_span(q, k, key_mask, q_pos)
     check_inputs(q, k, v, provable=False, span=span)
-    flat = (scale, block_size, alpha, sink_blocks, window_blocks, last_dense_blocks,
-            min_seq_len, kernel, mean_correction, gqa_shared, collect_stats, vertical_slash,
-            vs_threshold, mass_floor, dense_above, fp8_attention, slash_probe, vs_rows, layer)
+    flat = (scale, *fields, layer)
     if span:
         # The span dispatch decides its dense fallback on the device, so nothing needs the
         # host: on CUDA with a static length it is traced and its kernels land in Inductor's
@@ -147,7 +146,7 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 or not isinstance(k.shape[2] < min_seq_len, bool)):
             return torch.ops.fp_compile.flash_prefill_eager(q, k, v, *flat, key_mask=key_mask,
                                                             q_pos=q_pos)
-        return spans.run(q, k, v, scale, _config(*flat[1:-1]), layer, key_mask, q_pos)
+        return spans.run(q, k, v, scale, _config(*fields), layer, key_mask, q_pos)
     if q.device.type != "cuda" or kernel == "reference" or collect_stats or dense_above < 1:
         # (dense_above < 1: the dense fallback decides on the host, which needs concrete
         # tensors: the whole call runs in the opaque op, its kernels launched from Python.)
@@ -169,5 +168,4 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return torch.ops.fp_compile.flash_prefill_eager(q, k, v, *flat)
     # Static length: the same dispatch as the eager op, traced, so the kernels' wrap_triton
     # launches land in Inductor's code.
-    config = _config(*flat[1:-1])
-    return dispatch.run(q, k, v, scale, config, layer)
+    return dispatch.run(q, k, v, scale, _config(*fields), layer)

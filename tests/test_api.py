@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fp_compile
 from fp_compile import FlashPrefillConfig, flash_prefill, select_blocks
-from fp_compile.ops import op_config_args
+from fp_compile.ops import OP_CONFIG_FIELDS, op_config_args
 from fp_compile.demo.synthetic import planted_qkv
 from tests.helpers import assert_close
 
@@ -17,6 +17,15 @@ SPARSE = FlashPrefillConfig.paper_rule(block_size=16, min_seq_len=0, kernel="ref
 
 def qkv(B=1, H=4, Hkv=2, S=100, D=32, dtype=torch.float32, seed=0):
     return planted_qkv(B, H, Hkv, S, D, seed=seed, dtype=dtype)
+
+
+@pytest.mark.parametrize("name", ["flash_prefill", "flash_prefill_eager", "flash_prefill_lse"])
+def test_every_op_schema_lists_the_config_fields_in_order(name):
+    """The op bodies read their config arguments by ``OP_CONFIG_FIELDS``: every schema holds
+    q, k, v, scale, those fields in that order, then the layer, key mask and query positions."""
+    schema = getattr(torch.ops.fp_compile, name).default._schema
+    names = [a.name for a in schema.arguments]
+    assert names == ["q", "k", "v", "scale", *OP_CONFIG_FIELDS, "layer", "key_mask", "q_pos"]
 
 
 def test_flash_prefill_matches_sdpa_at_alpha_zero_with_sdpa_conventions():
