@@ -8,6 +8,7 @@ Per length, one JSON line per row:
 * ``scores``: GPU time (calls queued, median) of ``vertical_slash_scores`` per variant and launch
   setting (num_warps; programs per SM for "skew"; with and without the diagonal sums);
 * ``flags``: the whole stage, ``vertical_slash_flags``, per variant and for the reference;
+* ``search`` (``--op``): the paper rule's search without the detector's flags and with them;
 * ``op`` (``--op``): the op (``flash_prefill``, the paper's rule) without the detector and with
   it, per variant (``DEFAULT_VARIANT`` set for the call), and the stage's share of the op; then
   the default config without the detector and with it at ``--op-threshold``.
@@ -39,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fp_compile.demo.bench import cuda_time  # noqa: E402
 from fp_compile.demo.synthetic import planted_qkv  # noqa: E402
 from fp_compile.kernels import vertical_slash as vs  # noqa: E402
+from fp_compile.kernels import vertical_slash_skew as skew  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -131,6 +133,41 @@ def op_rows(q, k, v, S, timer, reps, n_rows=None, op_threshold=0.005):
     return rows
 
 
+def search_rows(q, k, scale, bs, n_rows, timer, reps):
+    """The paper rule's search (``pattern_search``, key means given) without the detector's
+    flags and with them (uint8 as the op passes them, and bool, which the search copies): what
+    the flags cost the search. Checked: with the flags, every row keeps a superset."""
+    from fp_compile import FlashPrefillConfig
+    from fp_compile.kernels.block_means import block_means
+    from fp_compile.kernels.pattern_search import pattern_search
+
+    cfg = FlashPrefillConfig.paper_rule()
+    kmean = block_means(k, bs, out_dtype=q.dtype)
+    flags = skew.skew_scores(q, k, scale, bs, threshold=cfg.vs_threshold, n_rows=n_rows,
+                             flag_dtype=torch.uint8)
+
+    def search(vs_blocks):
+        return lambda: pattern_search(q, k, scale, bs, cfg.alpha, cfg.sink_blocks,
+                                      cfg.window_blocks, cfg.last_dense_blocks, kmean=kmean,
+                                      vs_blocks=vs_blocks)
+
+    num0, idx0 = search(None)()
+    num1, idx1 = search(flags)()
+    M = num0.shape[-1]
+    keep0 = torch.zeros(*num0.shape, M + 1, dtype=torch.bool, device=q.device)
+    keep1 = torch.zeros_like(keep0)
+    pos = torch.arange(M, device=q.device)
+    keep0.scatter_(-1, torch.where(pos < num0[..., None], idx0, M).long(), True)
+    keep1.scatter_(-1, torch.where(pos < num1[..., None], idx1, M).long(), True)
+    superset = bool((keep1[..., :M] | ~keep0[..., :M]).all())
+    rows = [{"row": "search", "flags": "none", "ms": timer(search(None), reps)[0],
+             "kept": int(num0.sum())}]
+    for name, vs_blocks in (("uint8", flags), ("bool", tuple(f.bool() for f in flags))):
+        rows.append({"row": "search", "flags": name, "ms": timer(search(vs_blocks), reps)[0],
+                     "kept": int(num1.sum()), "superset": superset})
+    return rows
+
+
 def length_rows(args, S, timer, emit) -> None:
     q, k, v = planted_qkv(1, args.heads, args.kv_heads, S, args.head_dim, seed=0,
                           dtype=DTYPES[args.dtype], device=args.device)
@@ -162,6 +199,8 @@ def rows_rows(q, k, v, S, scale, bs, thr, n_rows, args, timer, emit) -> None:
                                                   n_rows=n_rows), 3)
     emit({"row": "flags", **tag, "variant": "reference", "ms": ms})
     if args.op:
+        for row in search_rows(q, k, scale, bs, n_rows, timer, args.reps):
+            emit({**tag, **row})
         for row in op_rows(q, k, v, S, timer, args.reps, n_rows, args.op_threshold):
             emit(row)
 

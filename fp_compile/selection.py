@@ -75,8 +75,8 @@ def select(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillC
 
 def vs_flags(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig
              ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The line detectors' (column_blocks, diagonal_blocks), each (B, H, M) bool, for the Triton
-    search's ``vs_blocks``: the vertical/slash detector's (``vertical_slash``) OR the slash
+    """The line detectors' (column_blocks, diagonal_blocks), each (B, H, M) uint8 (what the
+    search reads, so it copies nothing), for the Triton search's ``vs_blocks``: the vertical/slash detector's (``vertical_slash``) OR the slash
     probe's (``slash_probe`` > 0; diagonals only); None when both are off. Computed once per
     call: they read the whole prompt (the last query block; rows across the second half),
     whichever rows a search selects."""
@@ -85,11 +85,12 @@ def vs_flags(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefil
         from .kernels.vertical_slash import vertical_slash_flags
 
         flags = vertical_slash_flags(q, k, scale, config.block_size, config.vs_threshold,
-                                     n_rows=config.vs_rows or None)
+                                     n_rows=config.vs_rows or None, flag_dtype=torch.uint8)
     if config.slash_probe > 0:
         from .kernels.slash_probe import slash_probe_flags
 
         column, diagonal = slash_probe_flags(q, k, scale, config.block_size,
                                              config.slash_probe)
+        column, diagonal = column.to(torch.uint8), diagonal.to(torch.uint8)
         flags = (column, diagonal) if flags is None else (flags[0], flags[1] | diagonal)
     return flags

@@ -42,9 +42,11 @@ DEFAULT_VARIANT = "skew"
 def vertical_slash_flags(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
                          threshold: float, kernel: bool | None = None, *,
                          variant: str | None = None, num_warps: int | None = None,
-                         programs_per_sm: int | None = None, n_rows: int | None = None
+                         programs_per_sm: int | None = None, n_rows: int | None = None,
+                         flag_dtype: torch.dtype = torch.bool
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(column_blocks, diagonal_blocks), each (B, H, M) bool.
+    """(column_blocks, diagonal_blocks), each (B, H, M) bool (or ``flag_dtype``: uint8 is what
+    the Triton search reads; "skew" writes it directly, sparing the search two copies).
 
     n_rows: the probe rows are the prompt's last n_rows rows (None: the last query block's).
 
@@ -59,10 +61,11 @@ def vertical_slash_flags(q: torch.Tensor, k: torch.Tensor, scale: float, block_s
         if _check(q, block_size, variant, n_rows) == "skew":
             return skew_scores(q, k, scale, block_size, num_warps=num_warps,
                                programs_per_sm=programs_per_sm, threshold=threshold,
-                               n_rows=n_rows)
+                               n_rows=n_rows, flag_dtype=flag_dtype)
         column, diagonal = vertical_slash_scores(q, k, scale, block_size, variant=variant,
                                                  num_warps=num_warps, n_rows=n_rows)
-        return flags_from_scores(column, diagonal, block_size, threshold)
+        flags = flags_from_scores(column, diagonal, block_size, threshold)
+        return flags[0].to(flag_dtype), flags[1].to(flag_dtype)
     Hkv = k.shape[1]
     G = q.shape[1] // Hkv
     cols, diags = [], []
@@ -71,7 +74,7 @@ def vertical_slash_flags(q: torch.Tensor, k: torch.Tensor, scale: float, block_s
                                               block_size, threshold, n_rows)
         cols.append(c)
         diags.append(d)
-    return torch.cat(cols, dim=1), torch.cat(diags, dim=1)
+    return torch.cat(cols, dim=1).to(flag_dtype), torch.cat(diags, dim=1).to(flag_dtype)
 
 
 # --------------------------------------------------------------------------------- kernel

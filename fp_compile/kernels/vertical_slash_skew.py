@@ -313,6 +313,8 @@ def _finalize_kernel(col_ptr, first_ptr, second_ptr, diag_ptr, cflag_ptr, dflag_
 # H200, H 32, bf16 (RESULTS.md run 42): 1 / 2 / 4 programs per SM took 1.07 / 0.89 / 0.72 ms at
 # 32K and 4.25 / 3.54 / 3.01 ms at 128K (8 warps).
 PROGRAMS_PER_SM = 4
+# Run 74: the LSE pass with its own split (1-4 per SM, 4 or 8 warps) or the scores programs at
+# 2-3 per SM, and 1-8 warps for the finalisation, measured within noise or slower.
 # Run 67 (no key tile held ahead): 4 warps 0.56 / 2.58 ms (last block's rows, 4 per SM) and
 # 0.182 / 0.668 ms (last 32 rows, 2 per SM) at 32K / 128K; 8 warps 0.68 / 2.83 and 0.204 / 0.733.
 NUM_WARPS = 4
@@ -333,12 +335,13 @@ def packing(G: int, rows: int) -> int:
 def skew_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int, *,
                 num_warps: int | None = None, diagonals: bool = True,
                 programs_per_sm: int | None = None, threshold: float | None = None,
-                n_rows: int | None = None, keys: int | None = None):
+                n_rows: int | None = None, keys: int | None = None,
+                flag_dtype: torch.dtype = torch.bool):
     """The "skew" variant: (column, diagonal) scores (B, H, S) fp32, or with a threshold the
     block flags (column_blocks, diagonal_blocks) (B, H, M) bool of ``flags_from_scores``.
     Inputs as ``vertical_slash_scores``; programs_per_sm (default ``PROGRAMS_PER_SM``) sets the
     splits of each head's key tiles so that B * H // GP * splits is about that many programs
-    per SM.
+    per SM. flag_dtype: the flags' dtype, bool or uint8 (what the search reads, uncopied).
     The query heads of a kv group share programs (``packing``: one row tile, one K load) and the
     key tiles hold ``keys`` (default KEYS, a power of two) keys, at least the padded rows."""
     shape = probe_shape(q, k, block_size, n_rows)
@@ -353,6 +356,8 @@ def skew_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     else:
         sms = 4
+    if flag_dtype not in (torch.bool, torch.uint8):
+        raise ValueError(f"skew_scores: flag_dtype={flag_dtype}, not torch.bool or torch.uint8")
     per_split, splits = split_tiles(tiles, cdiv((programs_per_sm or PROGRAMS_PER_SM) * sms,
                                                 groups))
     opts = {} if interpreting() else dict(num_warps=num_warps or NUM_WARPS)
@@ -374,7 +379,7 @@ def skew_scores(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: int,
             raise ValueError("skew_scores: the flags need the diagonal sums")
         return column, torch.zeros_like(column)
     diagonal = column if flags else torch.empty_like(column)   # not written with flags
-    cflag = torch.empty(B, H, shape.M, dtype=torch.bool, device=q.device)
+    cflag = torch.empty(B, H, shape.M, dtype=flag_dtype, device=q.device)
     dflag = torch.empty_like(cflag)
     fin = {} if interpreting() else dict(num_warps=4)
     launcher(_finalize_kernel)[(B * H, shape.M)](

@@ -240,3 +240,20 @@ def test_skew_key_tiles_of_any_width(keys):
     assert_close(diag, ref_diag, 2e-6, 1e-4, "diagonal scores")
     with pytest.raises(ValueError, match="keys=48"):
         vertical_slash_scores(q, k, 0.2, 64, variant="skew", keys=48)
+
+
+@pytest.mark.parametrize("variant", VARIANTS + (None,))
+def test_flags_as_uint8_equal_the_bool_flags(variant):
+    """flag_dtype=uint8 (what the search reads): the same flags as bytes, from the skew kernel's
+    own flag path, the gather variant's and the reference (variant None: kernel=False)."""
+    q, k, _ = planted_qkv(1, 4, 2, 300, 32, seed=2, dtype=torch.float32, device=DEVICE)
+    kw = dict(kernel=False) if variant is None else dict(variant=variant)
+    want = vertical_slash_flags_reference(q, k, 0.2, 64, 0.01, 32)
+    got = vertical_slash_flags(q, k, 0.2, 64, 0.01, n_rows=32, flag_dtype=torch.uint8, **kw)
+    assert all(g.dtype == torch.uint8 for g in got)
+    assert torch.equal(got[0], want[0].to(torch.uint8)) and torch.equal(got[1],
+                                                                         want[1].to(torch.uint8))
+    assert want[0].any() and want[1].any()
+    with pytest.raises(ValueError, match="flag_dtype"):
+        from fp_compile.kernels.vertical_slash_skew import skew_scores
+        skew_scores(q, k, 0.2, 64, threshold=0.01, flag_dtype=torch.int32)
