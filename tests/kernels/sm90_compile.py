@@ -1,9 +1,13 @@
-"""Compile Triton kernels for sm_90 on a machine without a GPU (run as a script, with
-TRITON_INTERPRET unset: under the interpreter ``triton.jit`` gives interpreted functions).
+"""Compile the project's Triton kernels for sm_90 on a machine without a GPU (run as a script,
+with TRITON_INTERPRET unset: under the interpreter ``triton.jit`` gives interpreted functions).
 
 The interpreter does not check what Triton's compiler checks (a loop-carried variable that
 changes type, for one: it broke the vertical/slash probe's first GPU run, RESULTS.md run 66).
-Prints one line per kernel, "ok NAME" or "FAIL NAME: reason"; "env-fail: reason" when even a
+The kernels are compiled with the arguments our own wrappers launch them with: each wrapper
+runs once on small CPU tensors with ``fast_launch.launch`` (where every launch goes, see
+``utils.launcher``) replaced by a recorder, so nothing runs; each distinct launch (kernel,
+argument types, constexprs, options) is then compiled for sm_90 with ``triton.compile``.
+Prints one line per launch, "ok NAME" or "FAIL NAME: reason"; "env-fail: reason" when even a
 trivial kernel does not compile here (no ptxas, no CUDA backend).
 """
 
@@ -14,10 +18,15 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+
+TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+         torch.int8: "i8", torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64",
+         torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv", torch.float8_e5m2: "fp8e5"}
 
 
 @triton.jit
@@ -26,63 +35,155 @@ def _trivial(x_ptr, n, BLOCK: tl.constexpr):
     tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1, mask=offs < n)
 
 
-def compile_sm90(fn, consts: dict, pointers: dict, floats=(), num_warps: int = 4):
-    """Compile ``fn`` for sm_90: ints for every argument not named in ``pointers`` (name ->
-    Triton pointer type), ``floats`` or ``consts`` (constexpr values)."""
-    names = fn.arg_names
-    sig = {n: "i32" for n in names}
-    sig.update(pointers)
-    sig.update({f: "fp32" for f in floats})
-    sig.update({c: "constexpr" for c in consts})
-    src = ASTSource(fn=fn, signature=sig,
-                    constexprs={(names.index(c),): v for c, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps))
+def _compile_trivial():
+    src = ASTSource(fn=_trivial, signature={"x_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"},
+                    constexprs={(2,): 16})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
-def probe_kernels():
-    """(name, thunk) for the vertical/slash probe's kernels, both packings and variants."""
-    from fp_compile.kernels import vertical_slash as vsm
-    from fp_compile.kernels import vertical_slash_skew as sk
+def _arg_type(value):
+    if isinstance(value, torch.Tensor):
+        return "*" + TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no sm_90 signature for a {type(value).__name__} argument")
 
-    bf = {"q_ptr": "*bf16", "k_ptr": "*bf16"}
-    f32 = lambda *names: {n: "*fp32" for n in names}  # noqa: E731
-    out = []
-    for NP, GP, BN in ((32, 4, 64), (128, 1, 128)):
-        c = dict(D=128, DP=128, NP=NP, GP=GP, BN=BN, DOT_PRECISION="tf32")
-        out.append((f"_probe_lse_kernel NP={NP} GP={GP}", lambda c=c: compile_sm90(
-            sk._probe_lse_kernel, c, {**bf, **f32("m_ptr", "l_ptr")}, ["qk_scale"])))
-        c = dict(c, SPLITS_P=64, ROWS=32, DIAGONALS=True)
-        out.append((f"_skew_scores_kernel NP={NP} GP={GP}", lambda c=c: compile_sm90(
-            sk._skew_scores_kernel, c,
-            {**bf, **f32("m_ptr", "l_ptr", "col_ptr", "first_ptr", "second_ptr", "scr_ptr")},
-            ["qk_scale"])))
-    out.append(("_finalize_kernel", lambda: compile_sm90(
-        sk._finalize_kernel, dict(NP=32, BN=64, BSP=128, ONE_ROW=False, SCORES=False,
-                                  FLAGS=True),
-        {**f32("col_ptr", "first_ptr", "second_ptr", "diag_ptr"), "cflag_ptr": "*i1",
-         "dflag_ptr": "*i1"}, ["diag_scale", "threshold"])))
-    out.append(("_probe_scores_kernel (gather)", lambda: compile_sm90(
-        vsm._probe_scores_kernel, dict(D=128, DP=128, BLOCK=32, DOT_PRECISION="tf32",
-                                       DIAGONALS=True),
-        {**bf, **f32("lse_ptr", "col_ptr", "first_ptr", "second_ptr")}, ["qk_scale"])))
-    return out
+
+class Launch:
+    """One recorded launch: the kernel, every parameter's value and the launch options."""
+
+    def __init__(self, kernel, args, kwargs):
+        configs = getattr(kernel, "configs", None)     # an Autotuner: its first config
+        self.fn = kernel.fn if configs else kernel
+        kwargs = dict(kwargs)
+        if configs:
+            kwargs.update(configs[0].all_kwargs())
+        params = self.fn.params
+        values = list(args)
+        for p in params[len(args):]:
+            values.append(kwargs.pop(p.name) if p.name in kwargs else p.default)
+        self.values = values
+        self.options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+        self.consts = {p.name: v for p, v in zip(params, values) if p.is_constexpr}
+        self.sig = {p.name: "constexpr" if p.is_constexpr else _arg_type(v)
+                    for p, v in zip(params, values)}
+
+    def key(self):
+        return (self.fn.__name__, tuple(self.sig.items()), tuple(sorted(
+            (k, repr(v)) for k, v in self.consts.items())), tuple(sorted(self.options.items())))
+
+    def name(self):
+        picked = ", ".join(f"{k}={v}" for k, v in self.consts.items()
+                           if k.isupper() and not isinstance(v, str) and v is not None)
+        return f"{self.fn.__name__}({picked}; num_warps={self.options.get('num_warps')})"
+
+    def compile(self):
+        names = self.fn.arg_names
+        src = ASTSource(fn=self.fn, signature=self.sig,
+                        constexprs={(names.index(c),): v for c, v in self.consts.items()})
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=self.options)
+
+
+def record(calls) -> list[Launch]:
+    """Run each of ``calls`` (thunks) with the launches recorded instead of run; one Launch per
+    distinct kernel specialisation, in order."""
+    from fp_compile.kernels import fast_launch
+
+    launches: dict = {}
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launch = Launch(self.kernel, args, kwargs)
+                launches.setdefault(launch.key(), launch)
+            return run
+
+    saved = fast_launch.launch
+    fast_launch.launch = Recorder
+    try:
+        for call in calls:
+            call()
+    finally:
+        fast_launch.launch = saved
+    return list(launches.values())
+
+
+def kernel_calls():
+    """The wrappers' calls, on CPU tensors shaped as the H200 runs them (bf16, D 128, blocks of
+    128, 4 query heads per kv head), so their GPU launch settings are the ones compiled: the
+    block means, the search (plain; GQA-shared with the mass guard and the detector's flags;
+    with a span), the attention (plain, mean correction, a span with the LSE, FP8 with its
+    quantisation) and the vertical/slash probe (both variants, both probe-row settings)."""
+    from fp_compile.kernels.block_means import block_means
+    from fp_compile.kernels.block_sparse_attention import block_sparse_attention
+    from fp_compile.kernels.block_sparse_attention_fp8 import block_sparse_attention_fp8
+    from fp_compile.kernels.fp8_quant import quantize_blocks
+    from fp_compile.kernels.pattern_search import pattern_search
+    from fp_compile.kernels.utils import Span, span_rows
+    from fp_compile.kernels.vertical_slash import vertical_slash_flags, vertical_slash_scores
+
+    B, H, Hkv, S, D, bs = 1, 8, 2, 1024, 128, 128
+    M = S // bs
+    q = torch.randn(B, H, S, D, dtype=torch.bfloat16)
+    k = torch.randn(B, Hkv, S, D, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    num = torch.full((B, H, M), 2, dtype=torch.int32)
+    idx = torch.zeros(B, H, M, M, dtype=torch.int32)
+    flags = (torch.zeros(B, H, M, dtype=torch.uint8),) * 2
+    sq = 256                                            # a span: 256 queries over the keys
+    span = Span(torch.tensor([S - sq], dtype=torch.int32), torch.zeros(B, dtype=torch.int32),
+                torch.full((B,), S, dtype=torch.int32))
+    n = span_rows(sq, bs)
+    qs = q[:, :, :sq]
+    num_s = torch.full((B, H, n), 2, dtype=torch.int32)
+    idx_s = torch.zeros(B, H, n, M, dtype=torch.int32)
+    lse = torch.empty(B, H, sq, dtype=torch.float32)
+
+    def fp8():   # the quantisation launches are recorded too
+        q8, k8 = quantize_blocks(q, bs), quantize_blocks(k, bs)
+        v8 = quantize_blocks(v, bs, transpose=True)
+        block_sparse_attention_fp8(q8, k8, v8, num, idx, 0.09, bs, torch.empty_like(q))
+
+    return [
+        lambda: block_means(k, bs, out_dtype=q.dtype),
+        lambda: block_means(k, bs, v),
+        lambda: pattern_search(q, k, 0.09, bs, 0.1, 1, 2, 1),
+        lambda: pattern_search(q, k, 0.09, bs, 0.1, 1, 2, 1, gqa_shared=True, mass_floor=0.5,
+                               return_mass=True, vs_blocks=flags),
+        lambda: pattern_search(qs, k, 0.09, bs, 0.1, 1, 2, 1, span=span),
+        lambda: block_sparse_attention(q, k, v, num, idx, 0.09, bs),
+        lambda: block_sparse_attention(q, k, v, num, idx, 0.09, bs, mean_correction=True),
+        lambda: block_sparse_attention(qs, k, v, num_s, idx_s, 0.09, bs, span=span, lse=lse),
+        fp8,
+        lambda: vertical_slash_flags(q, k, 0.09, bs, 0.01, True, variant="skew"),
+        lambda: vertical_slash_flags(q, k, 0.09, bs, 0.01, True, variant="skew", n_rows=32,
+                                     flag_dtype=torch.uint8),
+        lambda: vertical_slash_scores(q, k, 0.09, bs, variant="skew", n_rows=32),
+        lambda: vertical_slash_scores(q, k, 0.09, bs, variant="gather"),
+    ]
 
 
 def main() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter does not compile")
     try:
-        compile_sm90(_trivial, dict(BLOCK=16), {"x_ptr": "*fp32"})
+        _compile_trivial()
     except Exception as e:  # noqa: BLE001 - the environment, not our kernels
         print(f"env-fail: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
         return
-    for name, thunk in probe_kernels():
+    for launch in record(kernel_calls()):
         try:
-            thunk()
-            print(f"ok {name}", flush=True)
+            launch.compile()
+            print(f"ok {launch.name()}", flush=True)
         except Exception as e:  # noqa: BLE001 - report every kernel
-            print(f"FAIL {name}: {type(e).__name__}: {str(e)[-600:]}", flush=True)
+            print(f"FAIL {launch.name()}: {type(e).__name__}: {str(e)[-600:]}", flush=True)
 
 
 if __name__ == "__main__":
