@@ -4,7 +4,9 @@ For each config (the defaults and ``paper_rule()``) and each length: a graph com
 length alone (``dynamic=False``, a fresh ``torch.compile`` per length) against one graph compiled
 with ``dynamic=True`` for every length (one compile serves all; the count of compiled graphs is
 reported). Times: GPU time of calls queued behind a sleep kernel and host-synced time (each call
-followed by a synchronize: the host's per-call work shows there), medians. Correctness in the
+followed by a synchronize: the host's per-call work shows there), medians; and ``--paired``
+pairs of host-synced calls of the two graphs in alternation (the median of the per-pair
+ratios: drift on a shared machine moved the separate medians by up to 10%). Correctness in the
 same run: each output (poisoned memory) vs cuDNN on the same inputs, and dynamic vs static.
 
     python benchmarks/bench_dynamic.py --out results/bench_dynamic.json
@@ -16,7 +18,9 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +47,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-lens", default="9001,33000,70001,131072")
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--paired", type=int, default=100,
+                   help="pairs of host-synced calls, static and dynamic in alternation")
+    p.add_argument("--configs", default="default,paper", help="default and / or paper")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     lengths = [int(s) for s in args.seq_lens.split(",")]
@@ -62,9 +69,30 @@ def main(argv=None) -> None:
             json.dump(result, f, indent=1)
 
 
+def paired_synced_ms(first, second, reps: int) -> tuple[float, float, float]:
+    """Host-synced times of two functions called in alternation (the order swapped every pair),
+    so drift on the machine hits both alike: (median ms of first, of second, median of the
+    per-pair ratios second / first)."""
+    a, b, ratios = [], [], []
+    for i in range(reps):
+        pair = []
+        for fn in ((first, second) if i % 2 == 0 else (second, first)):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            pair.append((time.perf_counter() - t0) * 1e3)
+        ta, tb = pair if i % 2 == 0 else pair[::-1]
+        a.append(ta)
+        b.append(tb)
+        ratios.append(tb / ta)
+    return statistics.median(a), statistics.median(b), statistics.median(ratios)
+
+
 def run(lengths, inputs, args, result) -> None:
-    for name, cfg in (("default", FlashPrefillConfig()),
-                      ("paper", FlashPrefillConfig.paper_rule())):
+    configs = {"default": FlashPrefillConfig(), "paper": FlashPrefillConfig.paper_rule()}
+    for name in args.configs.split(","):
+        cfg = configs[name]
         dynamic_backend = fp_compile.make_backend(cfg)
         dynamic = torch.compile(Attention(), backend=dynamic_backend, dynamic=True)
         for S in lengths:
@@ -85,6 +113,9 @@ def run(lengths, inputs, args, result) -> None:
             row["dynamic_vs_static"] = rel_err(outs["dynamic"], outs["static"])
             row["dynamic_over_static"] = row["dynamic_ms"] / row["static_ms"]
             row["dynamic_over_static_synced"] = row["dynamic_synced_ms"] / row["static_synced_ms"]
+            (row["static_paired_ms"], row["dynamic_paired_ms"],
+             row["dynamic_over_static_paired"]) = paired_synced_ms(
+                lambda: static(q, k, v), lambda: dynamic(q, k, v), args.paired)
             row["cudnn_ms"] = cuda_time(lambda: cudnn(q, k, v), args.reps)[0]
             row["dynamic_graphs_so_far"] = len(dynamic_backend.reports)
             row["static_graphs"] = len(static_backend.reports)   # 0: it ran eagerly

@@ -20,7 +20,7 @@ import functools
 from typing import Optional
 
 import torch
-from torch.library import custom_op, triton_op
+from torch.library import infer_schema, triton_op
 
 from . import dispatch, spans
 from .config import FlashPrefillConfig
@@ -45,6 +45,61 @@ def _fields(arguments: dict) -> tuple:
     return tuple(arguments[name] for name in OP_CONFIG_FIELDS)
 
 
+# The opaque ops are defined on a Library with plain CPU / CUDA kernels and a thin autograd
+# kernel rather than through ``torch.library.custom_op``, whose Python autograd and aliasing
+# layers cost about 30 us per call on the host (the dynamic-shape path pays them on every
+# prefill: RESULTS.md run 77). The schema is the one custom_op inferred (``infer_schema``), so
+# saved programs read the same ops.
+_LIB = torch.library.Library("fp_compile", "FRAGMENT")
+
+
+class _NoBackward(torch.autograd.Function):
+    """The op's forward where a gradient is asked for; its backward refuses (prefill has no
+    backward), as custom_op's did, rather than leaving a gradient silently missing."""
+
+    @staticmethod
+    def forward(ctx, overload, kwargs, *args):
+        ctx.name = overload.name()
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload(*args, **kwargs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.name} has no backward: FlashPrefill is for inference "
+                           "(run the prefill under torch.no_grad() or torch.inference_mode())")
+
+
+def _opaque_op(fn):
+    """Define ``fp_compile::<fn name>`` from ``fn``'s signature, with ``fn`` as its CPU and CUDA
+    kernel and an autograd kernel that passes straight to them unless q, k or v asks for a
+    gradient (then ``_NoBackward``): plain CPU / CUDA tensors with no dispatch mode active
+    call ``fn`` directly; fake or traced ones go on down the dispatcher (to the fake kernel).
+    Returns the OpOverloadPacket."""
+    name = fn.__name__
+    _LIB.define(name + infer_schema(fn, mutates_args=()), tags=(torch.Tag.pt2_compliant_tag,))
+    for key in ("CPU", "CUDA"):
+        _LIB.impl(name, fn, key)
+    overload = getattr(torch.ops.fp_compile, name).default
+
+    def autograd(*args, **kwargs):
+        q = args[0]
+        if torch.is_grad_enabled() and (q.requires_grad or args[1].requires_grad
+                                        or args[2].requires_grad):
+            return _NoBackward.apply(overload, kwargs, *args)
+        if (type(q) is torch.Tensor and q.device.type in ("cpu", "cuda")
+                and not torch._C._len_torch_dispatch_stack()):
+            return fn(*args, **kwargs)      # the kernel itself: no second trip to dispatch
+        with torch._C._AutoDispatchBelowAutograd():     # fake / traced / other tensors
+            return overload(*args, **kwargs)
+
+    _LIB.impl(name, autograd, "Autograd")
+    return getattr(torch.ops.fp_compile, name)
+
+
+def _register_fake(op):
+    return torch.library.register_fake(op.default, lib=_LIB)
+
+
 @functools.lru_cache(maxsize=64)
 def _config(*values) -> FlashPrefillConfig:
     """The op's flat arguments back into one config (validated once, here). Cached: the config
@@ -53,7 +108,6 @@ def _config(*values) -> FlashPrefillConfig:
     return FlashPrefillConfig(**dict(zip(OP_CONFIG_FIELDS, values)))
 
 
-@custom_op("fp_compile::flash_prefill_eager", mutates_args=())
 def flash_prefill_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         scale: Optional[float], block_size: int, alpha: float, sink_blocks: int,
                         window_blocks: int, last_dense_blocks: int, min_seq_len: int,
@@ -73,19 +127,21 @@ def flash_prefill_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return dispatch.run(q, k, v, scale, config, layer).contiguous()
 
 
+flash_prefill_eager_op = _opaque_op(flash_prefill_eager)
+
+
 def has_span(q, k, key_mask, q_pos) -> bool:
     """Whether a call goes through ``spans`` (a key mask, query positions, or S_q < S_kv)."""
     return key_mask is not None or q_pos is not None or q.shape[2] != k.shape[2]
 
 
-@flash_prefill_eager.register_fake
+@_register_fake(flash_prefill_eager_op)
 def _(q, k, v, *args, key_mask=None, q_pos=None, **kwargs):
     # The eager checks, so a bad call under torch.compile fails with the eager message.
     check_inputs(q, k, v, provable=False, span=has_span(q, k, key_mask, q_pos))
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-@custom_op("fp_compile::flash_prefill_lse", mutates_args=())
 def flash_prefill_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       scale: Optional[float], block_size: int, alpha: float, sink_blocks: int,
                       window_blocks: int, last_dense_blocks: int, min_seq_len: int,
@@ -105,7 +161,10 @@ def flash_prefill_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.contiguous(), lse.contiguous()
 
 
-@flash_prefill_lse.register_fake
+flash_prefill_lse_op = _opaque_op(flash_prefill_lse)
+
+
+@_register_fake(flash_prefill_lse_op)
 def _(q, k, v, *args, **kwargs):
     check_inputs(q, k, v, provable=False, span=True)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),

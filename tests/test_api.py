@@ -111,6 +111,27 @@ def test_opcheck():
                           (q, k, v, 0.2, *op_config_args(SPARSE)))
 
 
+def test_opaque_op_refuses_backward_and_runs_without_grad():
+    """Inputs that ask for a gradient: the forward runs and equals the no-grad one; a backward
+    through the op fails, naming it (no gradient left silently missing). Under no_grad and
+    inference_mode it runs as well."""
+    q, k, v = qkv(S=40)
+    args = (k, v, 0.2, *op_config_args(SPARSE))
+    op = torch.ops.fp_compile.flash_prefill_eager
+    with torch.no_grad():
+        want = op(q, *args)
+    with torch.inference_mode():
+        assert torch.equal(op(q, *args), want)
+    qg = q.clone().requires_grad_()
+    out = op(qg, *args)
+    assert out.requires_grad and torch.equal(out.detach(), want)
+    with pytest.raises(RuntimeError, match="flash_prefill_eager has no backward"):
+        out.sum().backward()
+    out, lse = torch.ops.fp_compile.flash_prefill_lse(qg, *args)
+    with pytest.raises(RuntimeError, match="flash_prefill_lse has no backward"):
+        (out.sum() + lse.sum()).backward()
+
+
 def test_select_blocks_density_and_block_mask():
     q, k, v = qkv(S=130, seed=4)
     sel = select_blocks(q, k, config=SPARSE.replace(alpha=0.5))
