@@ -76,10 +76,11 @@ def select(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillC
 def vs_flags(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig
              ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The line detectors' (column_blocks, diagonal_blocks), each (B, H, M) uint8 (what the
-    search reads, so it copies nothing), for the Triton search's ``vs_blocks``: the vertical/slash detector's (``vertical_slash``) OR the slash
-    probe's (``slash_probe`` > 0; diagonals only); None when both are off. Computed once per
-    call: they read the whole prompt (the last query block; rows across the second half),
-    whichever rows a search selects."""
+    search reads, so it copies nothing), for the Triton search's ``vs_blocks``: the
+    vertical/slash detector's (``vertical_slash``) OR the slash probe's (``slash_probe`` > 0;
+    diagonals only); None when both are off. Computed once per call: they read the whole
+    prompt (the last query block; rows across the second half), whichever rows a search
+    selects."""
     flags = None
     if config.vertical_slash:
         from .kernels.vertical_slash import vertical_slash_flags
