@@ -140,6 +140,7 @@ def search_rows(q, k, scale, bs, n_rows, timer, reps):
     from fp_compile import FlashPrefillConfig
     from fp_compile.kernels.block_means import block_means
     from fp_compile.kernels.pattern_search import pattern_search
+    from fp_compile.kernels.utils import expand_indices
 
     cfg = FlashPrefillConfig.paper_rule()
     kmean = block_means(k, bs, out_dtype=q.dtype)
@@ -153,13 +154,7 @@ def search_rows(q, k, scale, bs, n_rows, timer, reps):
 
     num0, idx0 = search(None)()
     num1, idx1 = search(flags)()
-    M = num0.shape[-1]
-    keep0 = torch.zeros(*num0.shape, M + 1, dtype=torch.bool, device=q.device)
-    keep1 = torch.zeros_like(keep0)
-    pos = torch.arange(M, device=q.device)
-    keep0.scatter_(-1, torch.where(pos < num0[..., None], idx0, M).long(), True)
-    keep1.scatter_(-1, torch.where(pos < num1[..., None], idx1, M).long(), True)
-    superset = bool((keep1[..., :M] | ~keep0[..., :M]).all())
+    superset = bool((expand_indices(num1, idx1) | ~expand_indices(num0, idx0)).all())
     rows = [{"row": "search", "flags": "none", "ms": timer(search(None), reps)[0],
              "kept": int(num0.sum())}]
     for name, vs_blocks in (("uint8", flags), ("bool", tuple(f.bool() for f in flags))):

@@ -54,7 +54,7 @@ def _arg_type(value):
 
 
 class Launch:
-    """One recorded launch: the kernel, every parameter's value and the launch options."""
+    """One recorded launch: the kernel, its signature and constexprs, the launch options."""
 
     def __init__(self, kernel, args, kwargs):
         configs = getattr(kernel, "configs", None)     # an Autotuner: its first config
@@ -66,7 +66,6 @@ class Launch:
         values = list(args)
         for p in params[len(args):]:
             values.append(kwargs.pop(p.name) if p.name in kwargs else p.default)
-        self.values = values
         self.options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
         self.consts = {p.name: v for p, v in zip(params, values) if p.is_constexpr}
         self.sig = {p.name: "constexpr" if p.is_constexpr else _arg_type(v)
