@@ -8,8 +8,9 @@ columns, slash lines), several seeds. For each (S, seed, alpha) the selection is
 plain-torch reference (same selection as the kernels) and compared on ``--rows`` query rows drawn
 from the second half of the prompt: rel L2 error of block-sparse vs dense attention, attention
 recall (share of the exact softmax mass inside the kept blocks) and density (kept causal blocks /
-all causal blocks). Variants: paper (``FlashPrefillConfig.paper_rule``), +vertical_slash,
-+mean_correction, +gqa_shared, and all three. Prints a table and a summary (error summed over
+all causal blocks). Variants: paper (``FlashPrefillConfig.paper_rule``), +vertical_slash (the
+probe on the last query block; +vs_rows32 / +vs_rows16: on the prompt's last 32 / 16 rows),
++mean_correction, +gqa_shared, and all three (``--variants`` picks some). Prints a table and a summary (error summed over
 cases vs the paper's rule, cases worse than the paper's, max density increase); writes JSON.
 """
 
@@ -35,6 +36,8 @@ from fp_compile.demo.synthetic import planted_qkv  # noqa: E402
 VARIANTS = {
     "paper": {},
     "+vertical_slash": {"vertical_slash": True},
+    "+vs_rows32": {"vertical_slash": True, "vs_rows": 32},
+    "+vs_rows16": {"vertical_slash": True, "vs_rows": 16},
     "+mean_correction": {"mean_correction": True},
     "+gqa_shared": {"gqa_shared": True},
     "+all": {"vertical_slash": True, "mean_correction": True, "gqa_shared": True},
@@ -68,7 +71,14 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=None, help="default GPU 128, CPU 64")
     p.add_argument("--rows", type=int, default=512, help="query rows measured per case")
     p.add_argument("--out", default=None, help="folder for bench_accuracy.json")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma list of variants (paper always runs: the others are against it)")
     args = p.parse_args()
+    variants = {"paper": VARIANTS["paper"]}
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            p.error(f"--variants: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        variants[name] = VARIANTS[name]
     gpu = args.device.startswith("cuda")
     seq_lens = [int(s) for s in (args.seq_lens or ("4096,8192,16384,32768" if gpu else
                                                    "4096,8192,16384")).split(",")]
@@ -90,7 +100,7 @@ def main() -> None:
                                   dtype=torch.float32)
             rows = acc.sample_rows(S, args.rows, seed=seed, device=args.device)
             for alpha in alphas:
-                for name, opts in VARIANTS.items():
+                for name, opts in variants.items():
                     cfg = FlashPrefillConfig.paper_rule(alpha=alpha, **opts)
                     r = measure(q, k, v, cfg, rows)
                     r.update(S=S, seed=seed, alpha=alpha, variant=name)
@@ -103,7 +113,7 @@ def main() -> None:
     for alpha in alphas:
         base = {(r["S"], r["seed"]): r for r in results
                 if r["alpha"] == alpha and r["variant"] == "paper"}
-        for name in VARIANTS:
+        for name in variants:
             rs = [r for r in results if r["alpha"] == alpha and r["variant"] == name]
             err = sum(r["rel_err"] for r in rs)
             base_err = sum(base[(r["S"], r["seed"])]["rel_err"] for r in rs)
