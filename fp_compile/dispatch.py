@@ -306,25 +306,27 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
     else:
         # Shared by the probe and every chunk's search.
         kmean = block_means(k, config.block_size, out_dtype=q.dtype)
-    # The vertical/slash flags, once per call: the probe and every chunk read them.
-    vs = vs_flags(q, k, scale, config)
-    flags = skip = sel = first = ahead_dense = key = None
+    # The vertical/slash flags, once per call: the probe and every chunk read them (None: not
+    # computed yet; the selection computes them when it needs them).
+    vs = flags = skip = sel = first = ahead_dense = key = None
     if config.dense_above < 1 and not _capturing(q):
         M, step = _chunk(q, config)
         if probe_rows(M)[1] == 1 and step >= M:
             # The whole selection first, in one chunk, when the probe would read every row
             # anyway.
+            vs = vs_flags(q, k, scale, config)
             sel = select(q, k, scale, config, kmean=kmean, with_mass=config.collect_stats,
                          vs_blocks=vs)
             flags = dense_groups_of(sel.num.cpu(), k.shape[1], config.dense_above)
         else:
             key = history.key(q, k, layer)
             if step >= M and history.expect_sparse(key, q, config):
-                return _speculative_sparse(q, k, v, scale, config, kmean, vmean, vs, key)
+                return _speculative_sparse(q, k, v, scale, config, kmean, vmean,
+                                           vs_flags(q, k, scale, config), key)
             if history.expect_dense(key, q, config):
-                flags, ahead_dense = probe(q, k, scale, config, kmean, vs_blocks=vs,
-                                           ahead=lambda: dense(q, k, v, scale))
+                flags, ahead_dense, vs = _probe_expecting_dense(q, k, v, scale, config, kmean)
             else:
+                vs = vs_flags(q, k, scale, config)
                 flags, first = probe(q, k, scale, config, kmean, ahead=lambda: first_selection(
                     q, k, scale, config, kmean, config.collect_stats, vs), vs_blocks=vs)
     # Read once: the flags are a host tensor, and every read is a torch op on the host.
@@ -345,6 +347,23 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
     if config.collect_stats:
         _record(layer, q, k, config, sel, flags)
     return out
+
+
+def _probe_expecting_dense(q, k, v, scale, config: FlashPrefillConfig, kmean):
+    """``probe`` for a call expected to run dense (``dense_history.expect_dense``), with cuDNN
+    queued behind it, and without the line detectors' probe unless the call turns out not to
+    be all dense. Their blocks are OR-ed into a selection after the mass guard, so they only
+    add kept blocks: a kv group above ``dense_above`` without them is above it with them, and a
+    call all dense without them is all dense with them (the same flags). Otherwise the probe
+    runs again with the detectors' flags, for the exact flags of the other groups.
+    Returns (flags, cuDNN's output, the detectors' flags or None when not computed)."""
+    flags, ahead_dense = probe(q, k, scale, config, kmean, ahead=lambda: dense(q, k, v, scale))
+    vs = None
+    if not bool(flags.all()):
+        vs = vs_flags(q, k, scale, config)
+        if vs is not None:
+            flags = probe(q, k, scale, config, kmean, vs_blocks=vs)[0]
+    return flags, ahead_dense, vs
 
 
 def _speculative_sparse(q, k, v, scale, config: FlashPrefillConfig, kmean, vmean, vs, key):

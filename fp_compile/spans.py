@@ -21,8 +21,9 @@ Differences from the plain dispatch (``dispatch.run``), named so they are not su
   kernel's gap at full density), not a cuDNN call. The mass guard (``mass_floor``) holds as
   usual. Below ``min_seq_len`` (compared with S_kv) the call runs masked SDPA.
 * no chunking of the selection (``dispatch.INDEX_BYTES``): the index is (B, H, S_q / bs + 1, M).
-* ``mean_correction``, ``vertical_slash`` and ``slash_probe`` are refused with a span
-  (ValueError).
+* ``mean_correction``, ``fp8_attention`` and ``slash_probe`` are refused with a span
+  (ValueError); ``vertical_slash`` (on by default) is switched off for the call
+  (``FlashPrefillConfig.for_span``: observers and stats see the config the call ran with).
 """
 
 from __future__ import annotations
@@ -147,7 +148,9 @@ def dense_where_flagged(sel: dispatch.Selection, span: Span, S_q: int, S: int, n
 
 def select(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig,
            span: Span, *, with_mass: bool = False) -> dispatch.Selection:
-    """The selection of a span call: rows ``ku.span_rows(S_q, bs)`` from query block p0 // bs."""
+    """The selection of a span call: rows ``ku.span_rows(S_q, bs)`` from query block p0 // bs.
+    ``config`` runs as ``config.for_span()``."""
+    config = config.for_span()
     _check_config(config)
     if not dispatch.use_triton(q, config.kernel):
         from .kernels.pattern_search import select_mask_reference
@@ -195,6 +198,7 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
 
     Returns out (B, H, S_q, D), or (out, lse (B, H, S_q) fp32) with ``return_lse``."""
     scale = ku.default_scale(q.shape[-1], scale)
+    config = config.for_span()
     for fn in list(dispatch._observers):
         fn(layer, q, k, scale, config)
     _check_config(config)

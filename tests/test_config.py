@@ -218,4 +218,17 @@ def test_options_summary_names_the_detectors_settings():
     assert on.options_summary() == "vertical_slash"
     assert on.replace(vs_rows=32, vs_threshold=0.005).options_summary() == (
         "vertical_slash(vs_threshold=0.005, vs_rows=32)")
-    assert FlashPrefillConfig(vs_rows=32).options_summary() == "mass_floor=0.8, dense_above=0.6"
+    assert FlashPrefillConfig().options_summary() == (
+        "vertical_slash, mass_floor=0.8, dense_above=0.6")
+    assert FlashPrefillConfig(vs_rows=0).options_summary() == (
+        "vertical_slash(vs_rows=0), mass_floor=0.8, dense_above=0.6")
+    assert FlashPrefillConfig(vertical_slash=False, vs_rows=32).options_summary() == (
+        "mass_floor=0.8, dense_above=0.6")
+
+
+def test_a_call_with_a_span_runs_without_the_span_dropped_options():
+    cfg = FlashPrefillConfig(alpha=0.2)
+    assert cfg.vertical_slash and cfg.vs_rows == 16
+    assert cfg.for_span() == cfg.replace(vertical_slash=False)
+    off = FlashPrefillConfig.paper_rule()
+    assert off.for_span() is off

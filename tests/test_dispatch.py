@@ -163,8 +163,12 @@ def test_repeated_dense_calls_queue_cudnn_behind_the_probe(monkeypatch):
         assert torch.equal(flash_prefill(q, k, v, enable_gqa=True, config=config), want)
     assert calls == [(7, 8, 8), None] * dense_history.DENSE_STREAK
     calls.clear()
+    from fp_compile.kernels import vertical_slash
+
+    detectors = spy_calls(monkeypatch, vertical_slash, "vertical_slash_flags")
     assert torch.equal(flash_prefill(q, k, v, enable_gqa=True, config=config), want)
     assert calls == [(7, 8, 8)], calls                  # the probe alone: no selection
+    assert detectors == []                              # nor the vertical/slash probe
     assert dense_calls == [4] * (dense_history.DENSE_STREAK + 1)
     # another layer, length bucket or head count has its own history
     calls.clear()
@@ -187,7 +191,9 @@ def test_a_wrong_dense_guess_gives_the_output_without_the_guess(monkeypatch):
     dense_calls = spy_calls(monkeypatch, dispatch, "dense", lambda args, kwargs: args[0].shape[1])
     calls = count_searches(monkeypatch)
     out = flash_prefill(q, k, v, enable_gqa=True, config=config)
-    assert calls == [(3, 4, 8), None], calls            # the probe, then the whole selection
+    # the probe without the vertical/slash blocks (not all dense), again with them, then the
+    # whole selection
+    assert calls == [(3, 4, 8), (3, 4, 8), None], calls
     assert dense_calls == [4]                           # the guess's, read for group 0
     dense_history.clear()
     again = flash_prefill(q, k, v, enable_gqa=True, config=config)

@@ -103,11 +103,12 @@ def test_refused_with_a_span():
 
 @pytest.mark.parametrize("strength", [1.0, 2.0])
 def test_op_error_with_the_probe_at_most_without(strength):
-    # a planted input with a slash head (head 2 of 4) that the defaults miss, on the CPU
-    # (reference kernels)
+    # a planted input with a slash head (head 2 of 4) that the defaults without the
+    # vertical/slash detector miss (with it they find this one), on the CPU (reference kernels)
     q, k, v = planted_qkv(1, 4, 2, 2048, 64, seed=0, strength=strength)
     dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    cfg = FlashPrefillConfig(block_size=64, min_seq_len=0, kernel="reference")
+    cfg = FlashPrefillConfig(block_size=64, min_seq_len=0, kernel="reference",
+                             vertical_slash=False)
     without = rel_l2(fp_compile.flash_prefill(q, k, v, enable_gqa=True, config=cfg), dense)
     with_probe = rel_l2(fp_compile.flash_prefill(
         q, k, v, enable_gqa=True, config=cfg.replace(slash_probe=6.0)), dense)

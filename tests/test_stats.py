@@ -84,7 +84,8 @@ def test_rows_name_the_options_a_call_ran_with():
     _op(q, k, v, FlashPrefillConfig.paper_rule(**base), 1)
     _op(q, k, v, FlashPrefillConfig.paper_rule(**base, vertical_slash=True), 2)
     rows = fp_compile.stats().rows
-    assert [r.options for r in rows] == ["mass_floor=0.8, dense_above=0.6", "", "vertical_slash"]
+    assert [r.options for r in rows] == ["vertical_slash, mass_floor=0.8, dense_above=0.6", "",
+                                         "vertical_slash"]
     text = str(fp_compile.stats())
-    assert "(mass_floor=0.8, dense_above=0.6)" in text and "(paper rule)" in text
+    assert "(vertical_slash, mass_floor=0.8, dense_above=0.6)" in text and "(paper rule)" in text
     assert fp_compile.stats().as_dicts()[2]["options"] == "vertical_slash"

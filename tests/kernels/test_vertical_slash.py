@@ -184,7 +184,7 @@ def test_refuses_large_blocks_and_other_dtypes():
 
 
 @gpu
-@pytest.mark.parametrize("n_rows", [None, 32])
+@pytest.mark.parametrize("n_rows", [None, 16, 32])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("H,Hkv,S", [(8, 2, 8192 + 77), (32, 8, 8192)])
 def test_gpu_bf16_long_probe_matches_the_reference(variant, H, Hkv, S, n_rows):
@@ -214,7 +214,7 @@ def test_columns_only_mode_keeps_the_columns(variant):
 
 
 @gpu
-@pytest.mark.parametrize("vs_rows", [0, 32])
+@pytest.mark.parametrize("vs_rows", [0, 16, 32])
 def test_gpu_compiled_op_with_the_detector_equals_eager(vs_rows):
     """The static compiled op traces the probe, the flags and the fused search into Inductor's
     code (a bool flag view once failed to lower there); vs_rows 32: the packed probe."""
