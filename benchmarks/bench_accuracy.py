@@ -10,8 +10,9 @@ from the second half of the prompt: rel L2 error of block-sparse vs dense attent
 recall (share of the exact softmax mass inside the kept blocks) and density (kept causal blocks /
 all causal blocks). Variants: paper (``FlashPrefillConfig.paper_rule``), +vertical_slash (the
 probe on the last query block; +vs_rows32 / +vs_rows16: on the prompt's last 32 / 16 rows),
-+mean_correction, +gqa_shared, and all three (``--variants`` picks some). Prints a table and a summary (error summed over
-cases vs the paper's rule, cases worse than the paper's, max density increase); writes JSON.
++mean_correction, +gqa_shared, and all three (``--variants`` picks some). Prints a table and a
+summary (error summed over cases vs the paper's rule, cases worse than the paper's, max density
+increase); writes JSON.
 """
 
 from __future__ import annotations

@@ -119,7 +119,8 @@ def kernel_calls():
     128, 4 query heads per kv head), so their GPU launch settings are the ones compiled: the
     block means, the search (plain; GQA-shared with the mass guard and the detector's flags;
     with a span), the attention (plain, mean correction, a span with the LSE, FP8 with its
-    quantisation) and the vertical/slash probe (both variants, both probe-row settings)."""
+    quantisation) and the vertical/slash probe (both variants; the last block's rows, the last
+    32, and the last 16: the defaults')."""
     from fp_compile.kernels.block_means import block_means
     from fp_compile.kernels.block_sparse_attention import block_sparse_attention
     from fp_compile.kernels.block_sparse_attention_fp8 import block_sparse_attention_fp8
@@ -164,6 +165,8 @@ def kernel_calls():
         lambda: vertical_slash_flags(q, k, 0.09, bs, 0.01, True, variant="skew"),
         lambda: vertical_slash_flags(q, k, 0.09, bs, 0.01, True, variant="skew", n_rows=32,
                                      flag_dtype=torch.uint8),
+        lambda: vertical_slash_flags(q, k, 0.09, bs, 0.015, True, variant="skew", n_rows=16,
+                                     flag_dtype=torch.uint8),       # the defaults' probe
         lambda: vertical_slash_scores(q, k, 0.09, bs, variant="skew", n_rows=32),
         lambda: vertical_slash_scores(q, k, 0.09, bs, variant="gather"),
     ]
