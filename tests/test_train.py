@@ -151,6 +151,39 @@ def test_a_tiny_run_writes_weights_that_load_and_score(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+def test_init_continues_from_saved_weights_and_records_them(tmp_path):
+    first = train.main(TINY + ["--steps", "2", "--out", str(tmp_path / "a")])
+    init = tmp_path / "a" / tr.WEIGHTS.name
+    # lr 0: the step changes nothing (AdamW's decay is lr-scaled), so the new weights must be
+    # exactly the ones --init loaded
+    meta = train.main(TINY + ["--steps", "1", "--lr", "0", "--init", str(init),
+                              "--out", str(tmp_path / "b")])
+    before, _ = tr.load_trained_model("cpu", path=init)
+    after, _ = tr.load_trained_model("cpu", path=tmp_path / "b" / tr.WEIGHTS.name)
+    for (name, a), b in zip(before.state_dict().items(), after.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert meta["init"]["path"] == str(init)
+    assert meta["init"]["summary"] == first["summary"]
+    assert meta["init"]["dense_accuracy"] == first["dense_accuracy"]
+
+
+def test_bad_training_options_name_the_option(tmp_path):
+    train.main(TINY + ["--steps", "1", "--out", str(tmp_path / "a")])
+    wider = [x if x != "32" else "48" for x in TINY]
+    with pytest.raises(SystemExit, match="--init"):
+        train.main(wider + ["--steps", "1", "--init", str(tmp_path / "a" / tr.WEIGHTS.name),
+                            "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="--tasks.*niah_sngle"):
+        train.resolve(train.build_parser().parse_args(["--out", "x", "--tasks", "niah_sngle"]))
+    with pytest.raises(SystemExit, match="--init"):
+        train.resolve(train.build_parser().parse_args(["--out", "x", "--preset",
+                                                       "h200-finetune"]))
+    args = train.resolve(train.build_parser().parse_args(
+        ["--out", "x", "--preset", "h200-finetune", "--init", "w.safetensors"]))
+    assert args.tasks.count("niah_multivalue") == 3 and len(args.tasks) == 7
+    assert train.resolve(train.build_parser().parse_args(["--out", "x"])).tasks == ft.TASKS
+
+
 def test_missing_weights_name_the_path_and_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="longctx.safetensors.*fp_compile.demo.train"):
         tr.load_trained_model(path=tmp_path / "longctx.safetensors")

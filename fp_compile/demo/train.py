@@ -1,7 +1,13 @@
 """Train the shipped long-context model from scratch on the synthetic tasks (``tasks``).
 
-    python -m fp_compile.demo.train --device cuda --out DIR            # H200: ~4 min + eval
+    python -m fp_compile.demo.train --device cuda --out A              # H200: ~4 min + eval
+    python -m fp_compile.demo.train --preset h200-finetune --init A/longctx.safetensors --out B
+    python -m fp_compile.demo.train --preset h200-finetune --init B/longctx.safetensors --out C
     python -m fp_compile.demo.train --preset cpu-smoke --out /tmp/smoke  # CPU: ~3 min
+
+The shipped weights are C: the ``h200`` preset from a random init, then two 3.5-minute rounds
+of ``h200-finetune`` (multi-value rows dealt three times per batch, lr 5e-4), 11 minutes of
+training in all (RESULTS.md runs 53 and 87).
 
 A wall-clock budget (``--minutes``; or a step count, ``--steps``) drives everything: the length
 curriculum (stage ``i`` runs while the elapsed share of the budget is below the cumulative
@@ -29,14 +35,15 @@ at 1,500 (154 s); eval at 128 tokens: niah_multikey 1.00 and niah_single 1.00 (n
 on); at 256 tokens 0.00 (the run never saw more than 128 tokens: the curriculum is there for
 length). With all five tasks dealt evenly and the same copy rows (1,500 steps, 142 s): niah_single
 1.00 at 128 and 0.99 at 256 tokens, niah_multikey 0.02, the other three 0.00 (train exact 0.23
-over all tasks, still rising); with niah_multikey's share tripled: 0.01 (so no task weights).
+over all tasks, still rising); with niah_multikey's share tripled: 0.01 (so no task weights
+from scratch).
 Both presets take these copy rows and LM weight 0; lr 1e-3 on the H200 as before.
 
 On the H200 (RESULTS.md runs 43 and 49, 240 s each) the copy rows made the five-task mix learn
 the key lookup, abruptly, about 120 s in. With the old 512 -> 8K curriculum (run 43) dense
 exact match at 4K / 8K / 16K / 32K was multi-key 1.00 / 1.00 / 0.82 / 0.04 and variable
 tracking 1.00 / 0.99 / 0.60 / 0.00: nothing held past twice the training length. The preset's
-curriculum now runs to 32K (run 49, the shipped weights): single needle 0.99-1.00, multi-key
+curriculum now runs to 32K (run 49): single needle 0.99-1.00, multi-key
 0.98-1.00 and variable tracking 0.97-0.99 at 4K-32K; common words fell to 0.31-0.44 (0.86-0.94
 at 4K-8K in run 43; its training accuracy collapsed in the 32K stage) and multi-value stayed at
 0.02-0.08 (its answer is the sorted set of four values, a comparison on top of the lookup).
@@ -47,6 +54,10 @@ per batch: a batch of 4 gave them to the first four tasks, so the 32K stage neve
 common-words row: its training accuracy "collapsed" to 0 hits of 0 rows, and the last 10% of
 the budget trained without the task. Retrained with both (run 53, now the shipped weights):
 common words 0.73-0.95 and multi-value 0.14-0.20 at 4K-32K, the other three as before.
+Two rounds of ``h200-finetune`` from those weights (run 87; ``--init``, which records the
+weights' own JSON as ``init`` in the new one) took multi-value to 0.87-0.93 and common words
+to 0.97-1.00 at 4K-32K in the training's table (100 prompts; after one round 0.60-0.71 and
+0.94-1.00), the other three at 0.99-1.00.
 
 At the end the dense model is scored per task at ``--eval-lengths`` (teacher-forced exact match,
 a set match for set answers: ``trained.evaluate``) and ``DIR/longctx.safetensors`` +
@@ -81,6 +92,15 @@ PRESETS = {
                  fracs="0.25,0.1,0.15,0.15,0.15,0.1,0.1", lr=1e-3, warmup=100, lm_weight=0.0,
                  copy_rows=64, copy_len=256, copy_weight=1.0,
                  eval_lengths="4096,8192,16384,32768", eval_n=100, eval_batch=10),
+    # Two rounds of this from the h200 preset's weights (``--init``) made the shipped model
+    # (RESULTS.md run 87): multi-value rows dealt three times per batch.
+    "h200-finetune": dict(device="cuda", minutes=3.5, dim=256, layers=4, heads=4, kv_heads=2,
+                          intermediate=768, stages="1024x128,4096x32,16384x8,32768x4",
+                          fracs="0.3,0.3,0.2,0.2", lr=5e-4, warmup=50, lm_weight=0.0,
+                          copy_rows=64, copy_len=256, copy_weight=1.0,
+                          tasks="niah_single,niah_multikey,niah_multivalue,niah_multivalue,"
+                                "niah_multivalue,variable_tracking,common_words",
+                          eval_lengths="4096,8192,16384,32768", eval_n=100, eval_batch=10),
     "cpu-smoke": dict(device="cpu", minutes=3.0, dim=128, layers=2, heads=4, kv_heads=2,
                       intermediate=256, stages="128x64,256x32", fracs="0.7,0.3", lr=3e-3,
                       warmup=50, lm_weight=0.0, copy_rows=32, copy_len=64, copy_weight=1.0,
@@ -128,8 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "per step, beside the task batch (0: none)")
     p.add_argument("--copy-len", type=int, help="tokens per copy row")
     p.add_argument("--copy-weight", type=float, help="weight of the copy rows' next-token loss")
-    p.add_argument("--tasks", default=",".join(ft.TASKS), help="train on these tasks")
+    p.add_argument("--tasks", help="train on these tasks, one sub-batch per entry (a task named "
+                   "twice gets twice the rows; default: every task once)")
     p.add_argument("--compile", action="store_true", help="torch.compile the loss step")
+    p.add_argument("--init", help="start from these weights (a longctx.safetensors of the same "
+                   "shape, e.g. the shipped ones) instead of a random init")
     return p
 
 
@@ -141,7 +164,13 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     args.stages, args.fracs = _pairs(args.stages), _floats(args.fracs)
     args.eval_lengths = [int(x) for x in args.eval_lengths.split(",")]
-    args.tasks = tuple(args.tasks.split(","))
+    args.tasks = tuple((args.tasks or ",".join(ft.TASKS)).split(","))
+    if args.preset == "h200-finetune" and not args.init:
+        raise SystemExit("--preset h200-finetune continues a trained model: give --init "
+                         "WEIGHTS (e.g. the h200 preset's longctx.safetensors)")
+    unknown = sorted(set(args.tasks) - set(ft.TASKS))
+    if unknown:
+        raise SystemExit(f"--tasks: unknown task(s) {unknown}; choose from {ft.TASKS}")
     if len(args.stages) != len(args.fracs):
         raise SystemExit("--stages and --fracs need one entry each per stage")
     return args
@@ -216,6 +245,15 @@ def train(args: argparse.Namespace) -> tuple[fm.Transformer, list[dict], dict]:
                                          args.copy_len if args.copy_rows else 0))
     with torch.device(device):
         model = fm.Transformer(margs)
+    if args.init:
+        from safetensors.torch import load_file
+
+        state = load_file(str(args.init), device=str(device))
+        try:
+            model.load_state_dict({k: v.float() for k, v in state.items()})
+        except RuntimeError as err:
+            raise SystemExit(f"--init {args.init}: the weights do not fit the model's shape "
+                             f"(--dim/--layers/--heads/--kv-heads/--intermediate): {err}")
     model.train()
     decay = [p for p in model.parameters() if p.dim() == 2]
     other = [p for p in model.parameters() if p.dim() < 2]
@@ -322,6 +360,18 @@ def versions(device: str) -> dict:
     return out
 
 
+def init_lineage(path) -> dict:
+    """What ``--init``'s weights came from: their JSON's options, summary, dense accuracy and
+    own lineage (``{"path": ...}`` alone when there is no JSON beside them)."""
+    out = {"path": str(path)}
+    meta = tr.meta_path(pathlib.Path(path))
+    if meta.exists():
+        data = json.loads(meta.read_text())
+        out.update({k: data[k] for k in ("options", "summary", "dense_accuracy", "init")
+                    if k in data})
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = resolve(build_parser().parse_args(argv))
     model, log, summary = train(args)
@@ -330,6 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
     model.args = fm.ModelArgs(**{**model.args.__dict__, "max_seq_len": MAX_SEQ_LEN})
     meta = dict(options=options, log=log, summary=summary, dense_accuracy=table,
                 eval_params=ft.EVAL_PARAMS, versions=versions(args.device))
+    if args.init:
+        meta["init"] = init_lineage(args.init)
     path = tr.save_trained(model, meta, pathlib.Path(args.out) / tr.WEIGHTS.name)
     print(f"wrote {path} and {tr.meta_path(path).name} ({path.stat().st_size / 2 ** 20:.1f} MiB); "
           f"{summary['steps']} steps in {summary['train_seconds']:.0f} s")
