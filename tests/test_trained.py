@@ -87,3 +87,41 @@ def test_default_config_keeps_dense_accuracy(shipped):
     assert all(r.sparse for r in rows) and len(rows) == model.args.n_layers * len(ft.TASKS) * 2
     assert density < 1.0                                # not every call fell back to dense
     assert mean["sparse"] >= mean["dense"] - 0.02
+
+
+def test_greedy_answers_through_the_kv_cache(shipped):
+    """The model's own greedy answers (prefill, then decode steps through the KV cache): each
+    decode step's logits equal a cache-free forward of the prompt plus the tokens generated so
+    far, and ``_answer`` (greedy_accuracy's decoder) gives those tokens; on exact-match tasks
+    greedy is right at most where the teacher-forced score is (the same tokens are fed when
+    greedy is right) and on most prompts."""
+    model, _ = shipped
+    forward = tr.tail_forward(model)
+    batch = ft.generate("variable_tracking", 1, SEQ_LEN, seed=5, **ft.EVAL_PARAMS[
+        "variable_tracking"])
+    prompt = torch.tensor([batch.prompt(0)])
+    S = prompt.shape[1]
+    model.setup_caches(1, SEQ_LEN)
+    try:
+        with torch.no_grad():
+            ids = prompt
+            logits = model(prompt, torch.arange(S))[:, -1]
+            for i in range(3):
+                token = logits.argmax(-1, keepdim=True)
+                ids = torch.cat([ids, token], 1)
+                logits = model(token, torch.tensor([S + i]))[:, -1]
+                saved = [layer.attention.kv_cache for layer in model.layers]
+                for layer in model.layers:
+                    layer.attention.kv_cache = None
+                assert_close(logits, forward(ids)[:, -1], atol=1e-4, rtol=1e-4)
+                for layer, cache in zip(model.layers, saved):
+                    layer.attention.kv_cache = cache
+            # what greedy_accuracy answers with: the same tokens
+            assert tr._answer(model, prompt, 3) == ids[0, S:].tolist()
+    finally:
+        for layer in model.layers:
+            layer.attention.kv_cache = None
+    for task in ("niah_multikey", "variable_tracking"):
+        greedy = tr.greedy_accuracy(model, task, SEQ_LEN, 8)
+        assert greedy <= tr.evaluate(forward, task, SEQ_LEN, 8)
+        assert greedy >= 0.75, (task, greedy)

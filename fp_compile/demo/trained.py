@@ -173,6 +173,34 @@ def evaluate(forward: Callable, task: str, seq_len: int, n: int, seed: int = 0, 
     return hits / n
 
 
+@torch.no_grad()
+def greedy_accuracy(model: fm.Transformer, task: str, seq_len: int, n: int, seed: int = 0, *,
+                    batch_size: int = 8, device="cpu", haystack: str = "noise",
+                    params: dict | None = None) -> float:
+    """Accuracy of ``model``'s own greedy answers on ``evaluate``'s prompts: one prefill of the
+    prompt, then one decode step per further answer token through the KV cache (set up here
+    for one row of ``seq_len``), scored by ``answer_matches``. Unlike ``evaluate``, each answer
+    token follows the model's own earlier ones, so a set answer can go wrong by repeating a
+    member: what the demo prints. The caller's KV caches are restored afterwards."""
+    params = ft.EVAL_PARAMS[task] if params is None else params
+    saved = [layer.attention.kv_cache for layer in model.layers]
+    model.setup_caches(1, seq_len)
+    hits = 0
+    try:
+        for i, start in enumerate(range(0, n, batch_size)):
+            batch = ft.generate(task, min(batch_size, n - start), seq_len, device=device,
+                                seed=EVAL_SEED + 7919 * seed + 104729 * seq_len + i,
+                                haystack=haystack, **params)
+            for row in range(len(batch)):
+                expected = batch.answer(row)
+                prompt = torch.tensor([batch.prompt(row)], device=device)
+                hits += answer_matches(task, _answer(model, prompt, len(expected)), expected)
+    finally:    # the caller's caches (none, for batched scoring) as they were
+        for layer, cache in zip(model.layers, saved):
+            layer.attention.kv_cache = cache
+    return hits / n
+
+
 def sample_prompts(seq_len: int, per_task: int = 1, seed: int = 0, device="cpu"):
     """Calibration inputs: ``per_task`` prompts (B=1) of every task, as ``(ids,)`` tuples."""
     out = []
