@@ -17,7 +17,10 @@ task and length). Configs:
 * ``defaults min0 last0``: and ``last_dense_blocks=0``: the question and answer rows, which the
   last dense blocks otherwise cover, go through the selection too;
 * ``calibrated r=...``: ``fp_compile.calibrate`` (per-layer alpha for recall ``--target-recall``,
-  on the defaults with ``min_seq_len=0``) from two prompts per task at ``--calib-len``.
+  on the defaults with ``min_seq_len=0``) from two prompts per task at ``--calib-len``;
+* ``dense greedy`` (``--greedy``): the dense model's own greedy answers on the same prompts
+  (``trained.greedy_accuracy``: a prefill, then decode steps through the KV cache), which
+  teacher forcing cannot judge: a set answer can repeat one of its own members.
 
 Every sparse config runs through ``torch.compile`` with the pass: ``--compile trace`` (default)
 runs the rewritten graph as dynamo traced it (the same op and kernels; no Inductor, so a config
@@ -99,6 +102,23 @@ def run_config(model, name, config, lengths, args) -> list[dict]:
     return out
 
 
+def run_greedy(model, lengths, args) -> list[dict]:
+    """The "dense greedy" rows: ``trained.greedy_accuracy`` per task and length."""
+    out = []
+    for S in lengths:
+        t0 = time.perf_counter()
+        acc = {task: tr.greedy_accuracy(model, task, S, args.n, seed=args.seed,
+                                        device=args.device) for task in args.tasks}
+        row = dict(config="dense greedy", seq_len=S, accuracy=acc,
+                   mean_accuracy=sum(acc.values()) / len(acc), density=1.0, sparse_calls=0,
+                   calls=0, seconds=round(time.perf_counter() - t0, 2))
+        out.append(row)
+        print(f"{'dense greedy':>24} {S:>6}: mean acc {row['mean_accuracy']:.3f} "
+              + " ".join(f"{t}={a:.2f}" for t, a in acc.items()) + f"  {row['seconds']:.1f}s",
+              flush=True)
+    return out
+
+
 def calibrated_configs(model, args) -> tuple[dict, list]:
     torch._dynamo.reset()
     base = FlashPrefillConfig(min_seq_len=0, block_size=args.block_size)
@@ -158,6 +178,10 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", choices=["trace", "inductor"], default="trace")
     p.add_argument("--dtype", choices=["bfloat16", "float32"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--greedy", action="store_true",
+                   help="add a row 'dense greedy': the dense model's own greedy answers "
+                   "(trained.greedy_accuracy: decode steps through the KV cache, one prompt "
+                   "at a time), where the other rows are teacher-forced")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     for key, value in DEFAULTS["cuda" if args.device.startswith("cuda") else "cpu"].items():
@@ -178,6 +202,8 @@ def main(argv=None) -> dict:
         for name, config in configs([float(a) for a in args.alphas.split(",")],
                                     args.block_size, calibrated).items():
             results += run_config(model, name, config, lengths, args)
+            if name == "dense" and args.greedy:
+                results += run_greedy(model, lengths, args)
     torch._dynamo.reset()
     text = tables(results, lengths, args.tasks)
     print()
