@@ -173,13 +173,17 @@ def test_bad_training_options_name_the_option(tmp_path):
     with pytest.raises(SystemExit, match="--init"):
         train.main(wider + ["--steps", "1", "--init", str(tmp_path / "a" / tr.WEIGHTS.name),
                             "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit, match="--init .*missing.safetensors: no such file"):
+        train.main(TINY + ["--steps", "1", "--init", str(tmp_path / "missing.safetensors"),
+                           "--out", str(tmp_path / "c")])
     with pytest.raises(SystemExit, match="--tasks.*niah_sngle"):
         train.resolve(train.build_parser().parse_args(["--out", "x", "--tasks", "niah_sngle"]))
     with pytest.raises(SystemExit, match="--init"):
         train.resolve(train.build_parser().parse_args(["--out", "x", "--preset",
                                                        "h200-finetune"]))
+    (tmp_path / "w.safetensors").write_bytes(b"")
     args = train.resolve(train.build_parser().parse_args(
-        ["--out", "x", "--preset", "h200-finetune", "--init", "w.safetensors"]))
+        ["--out", "x", "--preset", "h200-finetune", "--init", str(tmp_path / "w.safetensors")]))
     assert args.tasks.count("niah_multivalue") == 3 and len(args.tasks) == 7
     assert train.resolve(train.build_parser().parse_args(["--out", "x"])).tasks == ft.TASKS
 

@@ -168,6 +168,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.preset == "h200-finetune" and not args.init:
         raise SystemExit("--preset h200-finetune continues a trained model: give --init "
                          "WEIGHTS (e.g. the h200 preset's longctx.safetensors)")
+    if args.init and not pathlib.Path(args.init).is_file():
+        raise SystemExit(f"--init {args.init}: no such file")
     unknown = sorted(set(args.tasks) - set(ft.TASKS))
     if unknown:
         raise SystemExit(f"--tasks: unknown task(s) {unknown}; choose from {ft.TASKS}")
