@@ -67,6 +67,12 @@ def configs(alphas, block_size: int, calibrated=None) -> dict:
     return out
 
 
+def _batch(S: int, args) -> int:
+    """Prompts per prefill at length S (halved above 16K). The prompts depend on it (each batch
+    is drawn from its own seed), so every row of a length uses the same value."""
+    return args.batch if S <= 16384 else max(1, args.batch // 2)
+
+
 def run_config(model, name, config, lengths, args) -> list[dict]:
     torch._dynamo.reset()
     if config is None:
@@ -79,7 +85,7 @@ def run_config(model, name, config, lengths, args) -> list[dict]:
         fp_compile.reset_stats()
         t0 = time.perf_counter()
         acc = {task: tr.evaluate(forward, task, S, args.n, seed=args.seed, device=args.device,
-                                 batch_size=args.batch if S <= 16384 else max(1, args.batch // 2))
+                                 batch_size=_batch(S, args))
                for task in args.tasks}
         if args.device == "cuda":
             torch.cuda.synchronize()
@@ -103,12 +109,14 @@ def run_config(model, name, config, lengths, args) -> list[dict]:
 
 
 def run_greedy(model, lengths, args) -> list[dict]:
-    """The "dense greedy" rows: ``trained.greedy_accuracy`` per task and length."""
+    """The "dense greedy" rows: ``trained.greedy_accuracy`` per task and length, on the
+    teacher-forced rows' prompts (the same ``_batch``)."""
     out = []
     for S in lengths:
         t0 = time.perf_counter()
         acc = {task: tr.greedy_accuracy(model, task, S, args.n, seed=args.seed,
-                                        device=args.device) for task in args.tasks}
+                                        device=args.device, batch_size=_batch(S, args))
+               for task in args.tasks}
         row = dict(config="dense greedy", seq_len=S, accuracy=acc,
                    mean_accuracy=sum(acc.values()) / len(acc), density=1.0, sparse_calls=0,
                    calls=0, seconds=round(time.perf_counter() - t0, 2))
