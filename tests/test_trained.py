@@ -110,17 +110,13 @@ def test_greedy_answers_through_the_kv_cache(shipped):
                 token = logits.argmax(-1, keepdim=True)
                 ids = torch.cat([ids, token], 1)
                 logits = model(token, torch.tensor([S + i]))[:, -1]
-                saved = [layer.attention.kv_cache for layer in model.layers]
-                for layer in model.layers:
-                    layer.attention.kv_cache = None
+                saved = tr.swap_caches(model, [None] * len(model.layers))
                 assert_close(logits, forward(ids)[:, -1], atol=1e-4, rtol=1e-4)
-                for layer, cache in zip(model.layers, saved):
-                    layer.attention.kv_cache = cache
+                tr.swap_caches(model, saved)
             # what greedy_accuracy answers with: the same tokens
             assert tr._answer(model, prompt, 3) == ids[0, S:].tolist()
     finally:
-        for layer in model.layers:
-            layer.attention.kv_cache = None
+        tr.swap_caches(model, [None] * len(model.layers))
     for task in ("niah_multikey", "variable_tracking"):
         greedy = tr.greedy_accuracy(model, task, SEQ_LEN, 8)
         assert greedy <= tr.evaluate(forward, task, SEQ_LEN, 8)

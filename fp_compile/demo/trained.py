@@ -163,14 +163,31 @@ def evaluate(forward: Callable, task: str, seq_len: int, n: int, seed: int = 0, 
     unless ``params``), teacher-forced in one prefill each, scored by ``correct`` (exact match;
     a set match for set answers). The prompts depend on (task, seq_len, seed, i) only, so
     every forward sees the same ones."""
-    params = ft.EVAL_PARAMS[task] if params is None else params
     hits = 0
-    for i, start in enumerate(range(0, n, batch_size)):
-        batch = ft.generate(task, min(batch_size, n - start), seq_len, device=device,
-                            seed=EVAL_SEED + 7919 * seed + 104729 * seq_len + i,
-                            haystack=haystack, **params)
+    for batch in eval_batches(task, seq_len, n, seed, batch_size, device, haystack, params):
         hits += int(correct(forward(batch.tokens), batch).sum())
     return hits / n
+
+
+def eval_batches(task: str, seq_len: int, n: int, seed: int = 0, batch_size: int = 8,
+                 device="cpu", haystack: str = "noise", params: dict | None = None):
+    """The ``n`` prompts ``evaluate`` and ``greedy_accuracy`` score, in batches of
+    ``batch_size``: batch i is drawn from its own seed (task, seq_len, seed, i), so the same
+    arguments give the same prompts."""
+    params = ft.EVAL_PARAMS[task] if params is None else params
+    for i, start in enumerate(range(0, n, batch_size)):
+        yield ft.generate(task, min(batch_size, n - start), seq_len, device=device,
+                          seed=EVAL_SEED + 7919 * seed + 104729 * seq_len + i,
+                          haystack=haystack, **params)
+
+
+def swap_caches(model: fm.Transformer, caches: list) -> list:
+    """Give the model's layers these KV caches (None: none, as batched scoring needs); returns
+    the ones they had."""
+    old = [layer.attention.kv_cache for layer in model.layers]
+    for layer, cache in zip(model.layers, caches):
+        layer.attention.kv_cache = cache
+    return old
 
 
 @torch.no_grad()
@@ -182,22 +199,17 @@ def greedy_accuracy(model: fm.Transformer, task: str, seq_len: int, n: int, seed
     for one row of ``seq_len``), scored by ``answer_matches``. Unlike ``evaluate``, each answer
     token follows the model's own earlier ones, so a set answer can go wrong by repeating a
     member: what the demo prints. The caller's KV caches are restored afterwards."""
-    params = ft.EVAL_PARAMS[task] if params is None else params
-    saved = [layer.attention.kv_cache for layer in model.layers]
+    saved = swap_caches(model, [None] * len(model.layers))
     model.setup_caches(1, seq_len)
     hits = 0
     try:
-        for i, start in enumerate(range(0, n, batch_size)):
-            batch = ft.generate(task, min(batch_size, n - start), seq_len, device=device,
-                                seed=EVAL_SEED + 7919 * seed + 104729 * seq_len + i,
-                                haystack=haystack, **params)
+        for batch in eval_batches(task, seq_len, n, seed, batch_size, device, haystack, params):
             for row in range(len(batch)):
                 expected = batch.answer(row)
                 prompt = torch.tensor([batch.prompt(row)], device=device)
                 hits += answer_matches(task, _answer(model, prompt, len(expected)), expected)
     finally:    # the caller's caches (none, for batched scoring) as they were
-        for layer, cache in zip(model.layers, saved):
-            layer.attention.kv_cache = cache
+        swap_caches(model, saved)
     return hits / n
 
 
