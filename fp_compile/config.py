@@ -23,6 +23,7 @@ _BEYOND_PAPER_OFF: dict[str, Any] = {
     "dense_above": 1.0,
     "fp8_attention": False,
     "slash_probe": 0.0,
+    "search_stride": 1,
 }
 
 # The vertical/slash detector's settings (``options_summary`` names those not at their default).
@@ -33,9 +34,12 @@ _VS_SETTINGS = ("vs_threshold", "vs_rows")
 SPAN_UNSUPPORTED = ("mean_correction", "fp8_attention", "slash_probe")
 # Options a call with a span runs without (``FlashPrefillConfig.for_span``): the vertical/slash
 # probe reads the prompt's last rows as one unpadded sequence. It is on by default, so refusing
-# it would leave every padded or cached-prefix call dense; the call's stats row and ``explain``
-# show the options it ran with.
-SPAN_DROPPED = ("vertical_slash",)
+# it would leave every padded or cached-prefix call dense. A strided search scores every row of
+# such a call (the subset of a partly valid block's rows could be empty). The call's stats row
+# and ``explain`` show the options it ran with.
+SPAN_DROPPED = ("vertical_slash", "search_stride")
+
+SEARCH_STRIDES = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,14 @@ class FlashPrefillConfig:
             added to every query block it reaches (diagonals only, OR-ed with
             ``vertical_slash``'s). Not supported with a span (ValueError). Off by default
             until measured on the GPU (benchmarks/bench_guards.py --slash-probe).
+        search_stride: the search scores each query block with every n-th of its rows (1, 2,
+            4 or 8; 1 is the paper's: every row), so its dots and exponentials shrink n-fold.
+            It changes the selection. On an H200 at 128K (benchmarks/RESULTS.md, run 91) n = 2
+            took the search from 1.54 to 1.12 ms, and on the benchmark's planted inputs kept
+            the kept sets (Jaccard >= 0.997 against the full search). On the shipped trained
+            model's layers at 32K it gave 0.91-0.998, half of them under the 0.98 the project
+            asks of a default, so it is off (1). Needs block_size / n >= 16 (checked per call:
+            ValueError). Calls with a span score every row (``SPAN_DROPPED``).
         dense_layers: layers that stay dense, numbered as the pass numbers them (the model's
             layer index, e.g. ``layers.3.self_attn`` is 3; else the SDPA call's order in its
             graph).
@@ -118,6 +130,7 @@ class FlashPrefillConfig:
     dense_above: float = 0.6
     fp8_attention: bool = False
     slash_probe: float = 0.0
+    search_stride: int = 1
     dense_layers: tuple[int, ...] = ()
     layer_alpha: tuple[tuple[int, float], ...] = ()
     collect_stats: bool = False
@@ -142,6 +155,10 @@ class FlashPrefillConfig:
         _int("vs_rows", 0)
         if self.vs_rows > 128:
             raise ValueError(f"FlashPrefillConfig.vs_rows must be <= 128, got {self.vs_rows}")
+        _int("search_stride", 1)
+        if self.search_stride not in SEARCH_STRIDES:
+            raise ValueError(f"FlashPrefillConfig.search_stride must be one of {SEARCH_STRIDES}, "
+                             f"got {self.search_stride}")
         _check_alpha("alpha", self.alpha)
         if self.kernel not in _KERNELS:
             raise ValueError(

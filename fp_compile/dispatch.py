@@ -168,7 +168,8 @@ def _search_rows(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPr
     num, idx, *mass = pattern_search(
         q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
         config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
-        mass_floor=config.mass_floor, return_mass=with_mass, rows=rows, vs_blocks=vs_blocks)
+        mass_floor=config.mass_floor, return_mass=with_mass, rows=rows, vs_blocks=vs_blocks,
+        row_stride=config.search_stride)
     return Selection(num, idx, mass[0] if mass else None)
 
 

@@ -30,7 +30,7 @@ from .passes.eligibility import check_inputs
 OP_CONFIG_FIELDS = (
     "block_size", "alpha", "sink_blocks", "window_blocks", "last_dense_blocks", "min_seq_len",
     "kernel", "mean_correction", "gqa_shared", "collect_stats", "vertical_slash", "vs_threshold",
-    "mass_floor", "dense_above", "fp8_attention", "slash_probe", "vs_rows",
+    "mass_floor", "dense_above", "fp8_attention", "slash_probe", "vs_rows", "search_stride",
 )
 
 
@@ -115,7 +115,7 @@ def flash_prefill_eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         collect_stats: bool, vertical_slash: bool = False,
                         vs_threshold: float = 0.015, mass_floor: float = 0.0,
                         dense_above: float = 1.0, fp8_attention: bool = False,
-                        slash_probe: float = 0.0, vs_rows: int = 0,
+                        slash_probe: float = 0.0, vs_rows: int = 0, search_stride: int = 1,
                         layer: int = -1,
                         key_mask: Optional[torch.Tensor] = None,
                         q_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -149,7 +149,7 @@ def flash_prefill_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       collect_stats: bool, vertical_slash: bool = False,
                       vs_threshold: float = 0.015, mass_floor: float = 0.0,
                       dense_above: float = 1.0, fp8_attention: bool = False,
-                      slash_probe: float = 0.0, vs_rows: int = 0,
+                      slash_probe: float = 0.0, vs_rows: int = 0, search_stride: int = 1,
                       layer: int = -1,
                       key_mask: Optional[torch.Tensor] = None,
                       q_pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +179,7 @@ def flash_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      collect_stats: bool, vertical_slash: bool = False,
                      vs_threshold: float = 0.015, mass_floor: float = 0.0,
                      dense_above: float = 1.0, fp8_attention: bool = False,
-                     slash_probe: float = 0.0, vs_rows: int = 0,
+                     slash_probe: float = 0.0, vs_rows: int = 0, search_stride: int = 1,
                      layer: int = -1,
                      key_mask: Optional[torch.Tensor] = None,
                      q_pos: Optional[torch.Tensor] = None) -> torch.Tensor:

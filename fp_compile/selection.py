@@ -45,7 +45,7 @@ def select_mask(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPre
         q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
         config.last_dense_blocks, config.gqa_shared, config.vertical_slash, config.vs_threshold,
         config.mass_floor, return_mass=return_mass, slash_probe=config.slash_probe,
-        vs_rows=config.vs_rows)
+        vs_rows=config.vs_rows, search_stride=config.search_stride)
 
 
 def select(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig, *,
@@ -69,7 +69,8 @@ def select(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillC
     num, idx, *mass = pattern_search(
         q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
         config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
-        mass_floor=config.mass_floor, return_mass=with_mass, vs_blocks=vs_blocks)
+        mass_floor=config.mass_floor, return_mass=with_mass, vs_blocks=vs_blocks,
+        row_stride=config.search_stride)
     return Selection(num, idx, mass[0] if mass else None)
 
 

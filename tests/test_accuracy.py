@@ -171,16 +171,43 @@ def test_op_with_a_last_rows_probe_matches_reference():
     options = dict(vertical_slash=True, vs_threshold=0.01, vs_rows=32, dense_above=1.0)
     cfg = FlashPrefillConfig(block_size=16, alpha=0.3, sink_blocks=1, window_blocks=1,
                              last_dense_blocks=0, min_seq_len=0, kernel="reference", **options)
-    assert OP_CONFIG_FIELDS[-1] == "vs_rows" and op_config_args(cfg)[-1] == 32
+    at = OP_CONFIG_FIELDS.index("vs_rows")
+    assert op_config_args(cfg)[at] == 32
     out = fp_compile.flash_prefill(q, k, v, enable_gqa=True, config=cfg)
     want = flash_prefill_reference(q, k, v, 1 / math.sqrt(32), 16, 0.3, 1, 1, 0, 0, **options)
     assert_close(out, want, 1e-6, 1e-6)
     block = fp_compile.flash_prefill(q, k, v, enable_gqa=True, config=cfg.replace(vs_rows=0))
     assert not torch.equal(out, block), "32 probe rows should select differently here"
-    old = torch.ops.fp_compile.flash_prefill(q, k, v, None, *op_config_args(cfg)[:-1])
+    old = torch.ops.fp_compile.flash_prefill(q, k, v, None, *op_config_args(cfg)[:at])
     assert torch.equal(old, block)
     with pytest.raises(ValueError, match=r"FlashPrefillConfig\.vs_rows"):
         FlashPrefillConfig(vs_rows=129)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+def test_op_with_a_strided_search_matches_reference(kernel):
+    """search_stride reaches the op (its schema's last config field) and the selection: the
+    op equals the plain-torch op with the same stride, its blocks are the strided reference's,
+    and a program saved before the field existed scores every row."""
+    if kernel == "triton" and not (ku.interpreting() or torch.cuda.is_available()):
+        pytest.skip("the Triton search needs TRITON_INTERPRET=1 or a GPU")
+    q, k, v = planted_qkv(1, 4, 2, 400, 32, seed=11)
+    cfg = FlashPrefillConfig(block_size=32, alpha=0.3, sink_blocks=1, window_blocks=1,
+                             last_dense_blocks=0, min_seq_len=0, kernel=kernel,
+                             vertical_slash=False, dense_above=1.0, search_stride=2)
+    assert OP_CONFIG_FIELDS[-1] == "search_stride" and op_config_args(cfg)[-1] == 2
+    out = fp_compile.flash_prefill(q, k, v, enable_gqa=True, config=cfg)
+    want = flash_prefill_reference(q, k, v, 1 / math.sqrt(32), 32, 0.3, 1, 1, 0, 0,
+                                   vertical_slash=False, dense_above=1.0, search_stride=2)
+    assert_close(out, want, 1e-5, 1e-5)
+    keep = select_mask_reference(q, k, 1 / math.sqrt(32), 32, 0.3, 1, 1, 0, mass_floor=0.8,
+                                 search_stride=2)
+    sel = select_blocks(q, k, config=cfg)
+    assert torch.equal(ku.expand_indices(sel.kv_num_blocks, sel.kv_indices), keep)
+    full = fp_compile.flash_prefill(q, k, v, enable_gqa=True, config=cfg.replace(search_stride=1))
+    assert not torch.equal(out, full), "stride 2 should select differently here"
+    old = torch.ops.fp_compile.flash_prefill(q, k, v, None, *op_config_args(cfg)[:-1])
+    assert torch.equal(old, full)
 
 
 class TinyAttentionModel(nn.Module):

@@ -39,6 +39,7 @@ _VALID = {
     "kernel": st.sampled_from(_KERNELS),
     "vs_threshold": _unit,
     "vs_rows": st.integers(0, 128),
+    "search_stride": st.sampled_from([1, 2, 4, 8]),
     "slash_probe": st.floats(0.0, 64.0) | st.integers(0, 64),
     # users pass lists and dicts (torch.compile options); the config stores tuples
     "dense_layers": _layers | _layers.map(tuple),
@@ -56,6 +57,7 @@ _INVALID = {
     "kernel": st.text(max_size=10).filter(lambda s: s not in _KERNELS),
     "vs_threshold": _outside_unit | st.just(math.nan),
     "vs_rows": st.integers(max_value=-1) | st.integers(min_value=129),
+    "search_stride": st.integers(-4, 64).filter(lambda n: n not in (1, 2, 4, 8)),
     "slash_probe": st.floats(max_value=0.0, exclude_max=True)
     | st.sampled_from([math.nan, math.inf, -math.inf]),
     "dense_layers": st.tuples(_layers, st.integers(max_value=-1) | st.sampled_from([True, "0", 1.0]))
@@ -224,11 +226,15 @@ def test_options_summary_names_the_detectors_settings():
         "vertical_slash(vs_rows=0), mass_floor=0.8, dense_above=0.6")
     assert FlashPrefillConfig(vertical_slash=False, vs_rows=32).options_summary() == (
         "mass_floor=0.8, dense_above=0.6")
+    assert FlashPrefillConfig.paper_rule(search_stride=2).options_summary() == "search_stride=2"
 
 
 def test_a_call_with_a_span_runs_without_the_span_dropped_options():
     cfg = FlashPrefillConfig(alpha=0.2)
     assert cfg.vertical_slash and cfg.vs_rows == 16
     assert cfg.for_span() == cfg.replace(vertical_slash=False)
+    strided = cfg.replace(search_stride=4)
+    assert strided.for_span() == cfg.replace(vertical_slash=False)
     off = FlashPrefillConfig.paper_rule()
     assert off.for_span() is off
+    assert off.search_stride == 1 == FlashPrefillConfig().search_stride

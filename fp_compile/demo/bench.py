@@ -107,7 +107,7 @@ class Compiled:
         def search(q, k):
             return pattern_search(q, k, q.shape[-1] ** -0.5, cfg.block_size, cfg.alpha,
                                   cfg.sink_blocks, cfg.window_blocks, cfg.last_dense_blocks,
-                                  gqa_shared=cfg.gqa_shared)
+                                  gqa_shared=cfg.gqa_shared, row_stride=cfg.search_stride)
 
         def attn(q, k, v, num, idx):
             return block_sparse_attention(q, k, v, num, idx, q.shape[-1] ** -0.5,
@@ -175,7 +175,8 @@ def bench_one(S: int, args, flex_compiled, fns: Compiled, default_op) -> dict:
     # Selection vs the plain-torch reference: share of (row, block) decisions that differ.
     rnum, ridx = pattern_search_reference(q, k, scale, cfg.block_size, cfg.alpha,
                                           cfg.sink_blocks, cfg.window_blocks,
-                                          cfg.last_dense_blocks, gqa_shared=cfg.gqa_shared)
+                                          cfg.last_dense_blocks, gqa_shared=cfg.gqa_shared,
+                                          row_stride=cfg.search_stride)
     M = idx.shape[-1]
     row["search_num_diff_rows"] = int((rnum != num).sum().item())
     row["search_kept_diff"] = abs(int(rnum.sum().item()) - int(num.sum().item()))

@@ -46,8 +46,9 @@ from .search_tiles import (_full_tile_log2_scores, _guard_offset, _park, _span_r
                            _tile_log2_scores)
 # The reference lives in search_reference.py; its entry points are importable from here too.
 from .search_reference import (GUARD_RATIO, GUARD_RUNGS, block_scores_reference,  # noqa: F401
-                               guard_rungs, guarded_choice, pattern_search_reference,
-                               select_mask_reference, structural_keep)
+                               check_row_stride, guard_rungs, guarded_choice,
+                               pattern_search_reference, select_mask_reference,
+                               structural_keep)
 from .utils import LOG2E, Span, cdiv, check_kernel_dtype, interpreting, launcher, span_rows
 
 
@@ -61,7 +62,7 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr, p0_ptr,
                            GP: tl.constexpr,
                            IEEE: tl.constexpr, MASS: tl.constexpr, RUNGS: tl.constexpr,
                            RP: tl.constexpr, LOG2_RATIO: tl.constexpr, SPAN: tl.constexpr,
-                           VS: tl.constexpr, FULL: tl.constexpr):
+                           VS: tl.constexpr, FULL: tl.constexpr, ROW_STRIDE: tl.constexpr):
     """One program per (query block i, batch * head unit); a unit is GROUP query heads.
 
     GROUP = 1: each query head gets its own kept set. GROUP = G: the heads of one kv group get
@@ -86,7 +87,10 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr, p0_ptr,
     absolute query block. They join after the threshold (and the mass, which stays the
     selection's own); with GROUP = G the union then holds every head's flags, the reference's
     order (addition, then union). Pass B's tiles already reach block i, the last flagged one.
+
+    ROW_STRIDE n > 1 (not with SPAN): pass A scores the block with its rows 0, n, 2n, ... only.
     """
+    tl.static_assert(ROW_STRIDE == 1 or not SPAN, "a strided search takes no span")
     # torch.compile may pass Python floats as fp64: keep the arithmetic in fp32.
     qk_scale = tl.cast(qk_scale, tl.float32)
     log2_alpha = tl.cast(log2_alpha, tl.float32)
@@ -102,7 +106,7 @@ def _pattern_search_kernel(q_ptr, kmean_ptr, num_ptr, idx_ptr, mass_ptr, p0_ptr,
     kvh = (h0 // G).to(tl.int64)
     kmean_row = kmean_ptr + (b * Hkv + kvh) * M * D
 
-    rows = i * BLOCK + tl.arange(0, BLOCK)
+    rows = i * BLOCK + tl.arange(0, BLOCK // ROW_STRIDE) * ROW_STRIDE
     row_ok = rows < S
     j_lo = 0
     sink_hi = sink_blocks
@@ -290,7 +294,7 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
                    mass_floor: float = 0.0, return_mass: bool = False,
                    rows: tuple[int, int, int] | None = None, span: Span | None = None,
                    vs_blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   variant: str | None = None):
+                   variant: str | None = None, row_stride: int = 1):
     """FlashPrefill block selection in FlexAttention's compact layout.
 
     q (B, H, S, D), k (B, Hkv, S, D), H % Hkv == 0, fp16/bf16/fp32, any strides.
@@ -315,8 +319,11 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
     (B, H, M, M) mask in between. The mass is the selection's before that addition. Combines
     with ``rows`` (i stays the absolute block), not with a span (the reference refuses it).
     variant: a key of ``SEARCH_VARIANTS`` (None: ``SEARCH_VARIANT``), for A/B measurements.
+    row_stride: n > 1 scores each query block with every n-th of its rows (the config's
+    ``search_stride``; ``pattern_search_reference(..., row_stride=n)``); not with a span.
     """
     check_kernel_dtype(q, "pattern_search")
+    check_row_stride(row_stride, block_size, span is not None, "pattern_search")
     B, H, S, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
@@ -355,6 +362,7 @@ def pattern_search(q: torch.Tensor, k: torch.Tensor, scale: float, block_size: i
         BLOCK=block_size, D=D, DP=DP, GROUP=group, GP=triton.next_power_of_2(group),
         IEEE=q.dtype == torch.float32, MASS=use_mass, RUNGS=GUARD_RUNGS,
         RP=triton.next_power_of_2(GUARD_RUNGS), LOG2_RATIO=math.log2(GUARD_RATIO),
-        SPAN=span is not None, VS=flags is not None, **_variant(variant, q, scale, span),
+        SPAN=span is not None, VS=flags is not None, ROW_STRIDE=row_stride,
+        **_variant(variant, q, scale, span),
         **_launch_config(block_size, DP))
     return (num, idx, mass) if return_mass else (num, idx)

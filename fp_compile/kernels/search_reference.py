@@ -73,14 +73,30 @@ def span_blocks(span: Span | None, B: int, S_q: int, M: int, block_size: int, i0
                       candidate & has_keys & live, first, last)
 
 
+def check_row_stride(row_stride, block_size: int, span: bool, what: str) -> None:
+    """A strided search (``FlashPrefillConfig.search_stride``): 1, 2, 4 or 8, leaving >= 16
+    rows of each block (a tensor-core dot's least width in the Triton search; the reference
+    refuses the same, so a config fails alike on every device), and no span."""
+    if row_stride == 1:
+        return
+    if row_stride not in (2, 4, 8) or block_size // row_stride < 16:
+        raise ValueError(
+            f"{what}: FlashPrefillConfig.search_stride must be 1, 2, 4 or 8 and leave at least "
+            f"16 rows of each block, got {row_stride} with block_size {block_size}")
+    if span:
+        raise ValueError(f"{what}: FlashPrefillConfig.search_stride > 1 does not combine with "
+                         f"a span (padded/offset call)")
+
+
 def block_scores_reference(q: torch.Tensor, kmean: torch.Tensor, scale: float, block_size: int,
                            q_block_start: int, q_block_end: int, *,
-                           span: Span | None = None) -> torch.Tensor:
+                           span: Span | None = None, row_stride: int = 1) -> torch.Tensor:
     """Unnormalised block scores of query blocks [q_block_start, q_block_end).
 
     score_ij = sum over the rows r of R(b, i) of exp(scale * q_r . kmean_j - m_i), for the
     scored key blocks j < i of C(b, i), where m_i is the max of those logits (``span_blocks``;
     without a span R is the real rows of block i and C every j <= i). Other entries are 0.
+    ``row_stride`` n > 1 (no span): R keeps only the rows at offsets 0, n, 2n, ... of each block.
     Returns (B, H, n, M) fp32. (The paper normalises each row to sum 1; the threshold is
     relative to the row max, so that scaling never changes the selection.) With a span the
     blocks are absolute and kmean holds the means of the valid keys.
@@ -95,7 +111,10 @@ def block_scores_reference(q: torch.Tensor, kmean: torch.Tensor, scale: float, b
     logits = F.pad(logits, (0, 0, blocks.pad, after), value=float("-inf"))
     logits = logits.view(B, Hkv, -1, n, block_size, M)
     scored = _scored(blocks, q_block_start, q_block_end)  # (B, n, M)
-    used = blocks.rows.view(B, 1, 1, n, block_size, 1) & scored.view(B, 1, 1, n, 1, M)
+    rows = blocks.rows
+    if row_stride > 1:
+        rows = rows & (torch.arange(rows.shape[1], device=q.device) % row_stride == 0)
+    used = rows.view(B, 1, 1, n, block_size, 1) & scored.view(B, 1, 1, n, 1, M)
     logits = logits.masked_fill(~used, float("-inf"))
     m = logits.amax(dim=(-2, -1), keepdim=True)
     # Rows with no key block scored (i == 0) have m = -inf; keep them at zero, not NaN.
@@ -189,7 +208,7 @@ def select_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block_
                           vertical_slash: bool = False, vs_threshold: float = 0.015,
                           mass_floor: float = 0.0, *, return_mass: bool = False,
                           span: Span | None = None, slash_probe: float = 0.0,
-                          vs_rows: int = 0):
+                          vs_rows: int = 0, search_stride: int = 1):
     """Kept (query block, key block) pairs as a dense bool mask (B, H, M, M).
 
     With ``mass_floor`` > 0 a row whose kept estimated mass falls below it keeps more blocks
@@ -202,11 +221,14 @@ def select_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block_
     ``span``: q (B, H, S_q, D) at key positions p0 .. p0 + S_q - 1 of k (B, Hkv, S, D), valid
     keys ks[b] <= j < ke[b]; the mask is then (B, H, n, M), n = span_rows(S_q, block_size),
     row t the absolute query block p0 // block_size + t (the mass (B, H, n)).
+    ``search_stride`` n > 1: each query block is scored by every n-th of its rows
+    (``block_scores_reference``'s row_stride); not with a span.
     """
     for name, on in (("vertical_slash=True", vertical_slash), ("slash_probe", slash_probe > 0)):
         if span is not None and on:
             raise ValueError(f"select_mask_reference: {name} is not supported with a span "
                              f"(padded/offset call)")
+    check_row_stride(search_stride, block_size, span is not None, "select_mask_reference")
     B, H, S, D = q.shape
     Hkv = k.shape[1]
     M = cdiv(k.shape[2], block_size)
@@ -223,7 +245,8 @@ def select_mask_reference(q: torch.Tensor, k: torch.Tensor, scale: float, block_
     for t0 in range(0, n, step):
         t1 = min(n, t0 + step)
         i0, i1 = i_base + t0, i_base + t1
-        scores = block_scores_reference(q, kmean, scale, block_size, i0, i1, span=span)
+        scores = block_scores_reference(q, kmean, scale, block_size, i0, i1, span=span,
+                                        row_stride=search_stride)
         blocks = span_blocks(span, B, S, M, block_size, i0, i1, q.device)
         structural = structural_keep(M, i0, i1, sink_blocks, window_blocks, last_dense_blocks,
                                      q.device, blocks=blocks)[:, None]
@@ -248,10 +271,11 @@ def pattern_search_reference(q: torch.Tensor, k: torch.Tensor, scale: float, blo
                              alpha: float, sink_blocks: int, window_blocks: int,
                              last_dense_blocks: int, *, gqa_shared: bool = False,
                              mass_floor: float = 0.0, return_mass: bool = False,
-                             span: Span | None = None):
+                             span: Span | None = None, row_stride: int = 1):
     """Plain-torch definition of ``pattern_search`` (same arguments and outputs)."""
     keep, mass = select_mask_reference(q, k, scale, block_size, alpha, sink_blocks,
                                        window_blocks, last_dense_blocks, gqa_shared,
-                                       mass_floor=mass_floor, return_mass=True, span=span)
+                                       mass_floor=mass_floor, return_mass=True, span=span,
+                                       search_stride=row_stride)
     num, idx = compact_mask(keep)
     return (num, idx, mass) if return_mass else (num, idx)

@@ -314,3 +314,85 @@ def test_interior_tiles_take_the_unmasked_path_with_the_same_selection(S, D, gua
         assert density(num, idx.shape[-1]) < 0.8, "the input should make the threshold drop blocks"
     with pytest.raises(ValueError, match="variant must be one of"):
         pattern_search(q, k, *sel, variant="fast")
+
+
+# ------------------------------------------------------- strided search (config.search_stride)
+
+def test_strided_reference_scores_every_nth_row_of_each_block():
+    """block_scores_reference(row_stride=n) against a direct loop over blocks and their rows
+    0, n, 2n, ... (a partial last block included), the scores normalised per row of blocks."""
+    from fp_compile.kernels.search_reference import block_scores_reference
+
+    bs, n, S, D = 32, 4, 150, 16
+    q, k = aligned_qk(1, 2, 1, S, D, torch.float32, seed=5, device="cpu")
+    kmean = key_block_means(k, bs)
+    M = ku.cdiv(S, bs)
+    got = block_scores_reference(q, kmean, 0.3, bs, 0, M, row_stride=n)
+    for h in range(2):
+        for i in range(1, M):
+            rows = torch.arange(i * bs, min(S, (i + 1) * bs), n)
+            logits = 0.3 * q[0, h, rows].double() @ kmean[0, 0, :i].double().T  # (rows, i)
+            want = torch.exp(logits - logits.max()).sum(dim=0)
+            row = got[0, h, i, :i].double()
+            assert_close(row / row.sum(), want / want.sum(), atol=1e-6, rtol=1e-5)
+            assert (got[0, h, i, i:] == 0).all()
+
+
+@pytest.mark.parametrize("S,bs,stride,dtype", [(300, 32, 2, torch.float32),
+                                               (290, 64, 4, torch.float16),
+                                               (600, 32, 2, torch.float16),
+                                               (130, 128, 8, torch.float32)],
+                         ids=["fp32-bs32-n2", "fp16-bs64-n4-partial", "fp16-interior-n2",
+                              "fp32-bs128-n8"])
+@pytest.mark.parametrize("shared,guard", [(False, 0.0), (True, 0.0), (False, 0.8)],
+                         ids=["per_head", "shared", "mass_guard"])
+def test_strided_search_matches_the_strided_reference(S, bs, stride, dtype, shared, guard):
+    q, k = aligned_qk(1, 4, 2, S, 32, dtype, seed=S + stride)
+    sel = (32 ** -0.5, bs, 0.3, 1, 1, 1)
+    extra = dict(gqa_shared=shared, mass_floor=guard, return_mass=True)
+    num, idx, mass = pattern_search(q, k, *sel, row_stride=stride, **extra)
+    expected = pattern_search_reference(q, k, *sel, row_stride=stride, **extra)
+    assert_same_selection((num, idx), expected[:2])
+    assert_close(mass, expected[2], atol=1e-5, rtol=1e-4)
+
+
+def test_strided_search_reads_only_every_nth_row():
+    """Even query rows point at key block 0, odd ones at key block 1: the full search keeps
+    both, the stride-2 search (kernel and reference alike) sees only block 0."""
+    bs, S, D = 32, 256, 32
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, S, D, generator=g) * 0.1
+    k = torch.randn(1, 1, S, D, generator=g) * 0.1
+    u, w = torch.eye(D)[:2]
+    k[0, 0, :bs] += 4.0 * w                # key block 0 leans on w,
+    k[0, 0, bs:2 * bs] += 4.0 * u          # key block 1 on u
+    q[0, 0, 0::2] += 4.0 * w               # even query rows look for block 0,
+    q[0, 0, 1::2] += 4.0 * u               # odd ones for block 1
+    q, k = q.to(DEVICE), k.to(DEVICE)
+    sel = (D ** -0.5, bs, 0.5, 0, 1, 0)
+    full = ku.expand_indices(*pattern_search(q, k, *sel))
+    strided = ku.expand_indices(*pattern_search(q, k, *sel, row_stride=2))
+    ref = ku.expand_indices(*pattern_search_reference(q, k, *sel, row_stride=2))
+    assert torch.equal(strided, ref)
+    assert full[0, 0, 3:, :2].all(), "the full search should keep key blocks 0 and 1"
+    assert strided[0, 0, 3:, 0].all()
+    assert not strided[0, 0, 3:, 1].any(), "the strided search should not see key block 1"
+
+
+@pytest.mark.parametrize("stride,bs", [(3, 64), (16, 128), (4, 32), (2, 16)])
+def test_a_stride_leaving_fewer_than_16_rows_is_refused_naming_the_option(stride, bs):
+    q, k = aligned_qk(1, 2, 1, 100, 16, torch.float32)
+    for search in (pattern_search, pattern_search_reference):
+        with pytest.raises(ValueError, match=r"FlashPrefillConfig\.search_stride"):
+            search(q, k, 0.25, bs, 0.3, 1, 1, 1, row_stride=stride)
+
+
+@gpu
+@pytest.mark.parametrize("stride", [2, 4])
+def test_gpu_strided_search_matches_reference(stride):
+    q, k, _ = planted_qkv(1, 8, 2, 8192, 128, seed=3, dtype=torch.bfloat16, device="cuda")
+    args = (q, k, 128 ** -0.5, 128, 0.12, 2, 4, 2)
+    for guard in (0.0, 0.8):
+        got = pattern_search(*args, mass_floor=guard, row_stride=stride)
+        expected = pattern_search_reference(*args, mass_floor=guard, row_stride=stride)
+        assert_same_selection(got, expected, max_diff_fraction=2e-3)
