@@ -67,6 +67,17 @@ def _idle_hooks():
     return hooks
 
 
+def _current_device() -> int:
+    """The current CUDA device's index (CUDA is initialised: a kernel was compiled for it)."""
+    return torch._C._cuda_getDevice()
+
+
+def _raw_stream(device: int) -> int:
+    """The current stream of ``device`` as the launcher takes it: what Inductor's generated
+    code passes (``torch.cuda.current_stream().cuda_stream`` builds a Stream object first)."""
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
 def _descriptor_type():
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -81,6 +92,7 @@ class FastLaunch:
     def __init__(self, kernel):
         self.kernel = kernel
         self.names = [p.name for p in kernel.params]
+        self.name_set = frozenset(self.names)
         self.constexpr = [p.is_constexpr for p in kernel.params]
         self.defaults = [p.default if p.has_default else _MISSING for p in kernel.params]
         self.compiled: OrderedDict = OrderedDict()
@@ -104,28 +116,32 @@ class FastLaunch:
             vals.append(value)
         return vals
 
-    def key(self, vals, kwargs):
+    def key(self, vals, kwargs, device: int):
         """What the specialisation depends on (module docstring); None for an argument of a
-        type not covered."""
-        parts = [torch.cuda.current_device()]
+        type not covered. ``device``: the current device's index."""
+        parts = [device]
+        append = parts.append
         for value, is_constexpr in zip(vals, self.constexpr):
-            if is_constexpr or type(value) in _EXACT:
-                parts.append(value)
+            kind = type(value)
+            if is_constexpr or kind in _EXACT:
+                append(value)
+            elif kind is float:
+                append(float)
             elif isinstance(value, torch.Tensor):
-                parts.append((value.dtype, value.data_ptr() % 16 == 0))
-            elif type(value) is float:
-                parts.append(float)
+                append((value.dtype, value.data_ptr() % 16 == 0))
             elif self.descriptor and isinstance(value, self.descriptor):
-                parts.append((value.base.dtype, tuple(value.shape), tuple(value.strides),
-                              tuple(value.block_shape), value.base.data_ptr() % 16 == 0))
+                append((value.base.dtype, tuple(value.shape), tuple(value.strides),
+                        tuple(value.block_shape), value.base.data_ptr() % 16 == 0))
             else:
                 return None
-        options = tuple(sorted((k, v) for k, v in kwargs.items() if k not in self.names))
+        names = self.name_set
+        options = tuple(sorted(item for item in kwargs.items() if item[0] not in names))
         return tuple(parts), options
 
     def _launch(self, grid, *args, **kwargs):
         vals = None if self.off else self.values(args, kwargs)
-        key = None if vals is None else self.key(vals, kwargs)
+        device = _current_device()
+        key = None if vals is None else self.key(vals, kwargs, device)
         try:
             compiled = None if key is None else self.compiled.get(key)
         except TypeError:   # an unhashable constexpr value: no key
@@ -140,7 +156,7 @@ class FastLaunch:
             return compiled
         self.compiled.move_to_end(key)
         g0, g1, g2 = (grid + (1, 1))[:3]
-        stream = torch.cuda.current_stream().cuda_stream
+        stream = _raw_stream(device)
         try:
             compiled.run(g0, g1, g2, stream, compiled.function, compiled.packed_metadata, None,
                          *hooks, *vals)

@@ -66,8 +66,8 @@ class Stream:
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: Stream())
+    monkeypatch.setattr(fl, "_current_device", lambda: 0)
+    monkeypatch.setattr(fl, "_raw_stream", lambda device: Stream.cuda_stream)
 
 
 def test_second_launch_passes_the_launcher_what_jitfunction_run_would(fake_cuda):
