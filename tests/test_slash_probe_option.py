@@ -26,7 +26,8 @@ def test_off_by_default_and_in_the_paper_rule():
     assert FlashPrefillConfig.paper_rule().slash_probe == 0.0
     assert FlashPrefillConfig.paper_rule(alpha=0.2) == FlashPrefillConfig.paper_rule(
         alpha=0.2, slash_probe=0.0)
-    assert OP_CONFIG_FIELDS[-3:] == ("fp8_attention", "slash_probe", "vs_rows")
+    at = OP_CONFIG_FIELDS.index("slash_probe")     # the schema's order is fixed
+    assert OP_CONFIG_FIELDS[at - 1:at + 2] == ("fp8_attention", "slash_probe", "vs_rows")
     cfg = FlashPrefillConfig.from_options({"slash_probe": 6})
     assert cfg.slash_probe == 6.0 and isinstance(cfg.slash_probe, float)
 
@@ -41,7 +42,8 @@ def test_programs_without_the_argument_run_as_before():
     # a program saved before the field existed passes every earlier field and the layer only
     q, k, v = planted_qkv(1, 2, 1, 256, 32, seed=0)
     cfg = FlashPrefillConfig(block_size=32, min_seq_len=0, kernel="reference")
-    old = torch.ops.fp_compile.flash_prefill(q, k, v, None, *op_config_args(cfg)[:-2])
+    before = op_config_args(cfg)[:OP_CONFIG_FIELDS.index("slash_probe")]
+    old = torch.ops.fp_compile.flash_prefill(q, k, v, None, *before)
     assert torch.equal(old, fp_compile.flash_prefill(q, k, v, enable_gqa=True, config=cfg))
 
 
