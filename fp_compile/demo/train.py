@@ -248,11 +248,8 @@ def train(args: argparse.Namespace) -> tuple[fm.Transformer, list[dict], dict]:
     with torch.device(device):
         model = fm.Transformer(margs)
     if args.init:
-        from safetensors.torch import load_file
-
-        state = load_file(str(args.init), device=str(device))
         try:
-            model.load_state_dict({k: v.float() for k, v in state.items()})
+            tr.load_weights(model, args.init, device)
         except RuntimeError as err:
             raise SystemExit(f"--init {args.init}: the weights do not fit the model's shape "
                              f"(--dim/--layers/--heads/--kv-heads/--intermediate): {err}")

@@ -57,8 +57,6 @@ def load_trained_model(device="cpu", dtype: torch.dtype = torch.float32, path=No
     """(model in eval mode on ``device`` in ``dtype``, its JSON metadata) from ``path`` (default:
     the shipped ``weights/longctx.safetensors``). ``max_seq_len`` overrides the saved one (the
     length of the RoPE tables and of the default KV cache)."""
-    from safetensors.torch import load_file
-
     path = pathlib.Path(path or WEIGHTS)
     if not path.is_file() or not meta_path(path).is_file():
         raise FileNotFoundError(
@@ -72,8 +70,17 @@ def load_trained_model(device="cpu", dtype: torch.dtype = torch.float32, path=No
         args["max_seq_len"] = max_seq_len
     with torch.device(device):
         model = fm.Transformer(fm.ModelArgs(**args))
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    load_weights(model, path)
     return model.to(dtype=dtype).eval(), meta
+
+
+def load_weights(model: fm.Transformer, path, device="cpu") -> None:
+    """Load saved weights (a ``longctx.safetensors``) into ``model``, as fp32, read onto
+    ``device``; a model of another shape raises RuntimeError (``load_state_dict``'s)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path), device=str(device))
+    model.load_state_dict({k: v.float() for k, v in state.items()})
 
 
 def tail_forward(model: fm.Transformer, tail: int = TAIL) -> Callable:
