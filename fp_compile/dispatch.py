@@ -41,7 +41,8 @@ from . import fp8
 from .config import FlashPrefillConfig
 from .kernels import utils as ku
 from .kernels.block_sparse_attention import block_sparse_attention_reference
-from .selection import Selection, select, select_mask, use_triton, vs_flags  # noqa: F401
+from .selection import (Selection, search_rows, select, select_mask,  # noqa: F401
+                        use_triton, vs_flags)
 
 _observers: list[Callable] = []
 
@@ -158,21 +159,6 @@ def _chunk(q: torch.Tensor, config: FlashPrefillConfig) -> tuple[int, int]:
     return M, chunk_rows(q.shape[0], q.shape[1], M)
 
 
-def _search_rows(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig,
-                 kmean: torch.Tensor | None, rows: tuple[int, int, int],
-                 with_mass: bool = False, vs_blocks=None) -> Selection:
-    """The Triton search of the query blocks ``rows`` (start, step, n); ``vs_blocks``: the
-    call's vertical/slash flags (``vs_flags``; None when the detector is off)."""
-    from .kernels.pattern_search import pattern_search
-
-    num, idx, *mass = pattern_search(
-        q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
-        config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
-        mass_floor=config.mass_floor, return_mass=with_mass, rows=rows, vs_blocks=vs_blocks,
-        row_stride=config.search_stride)
-    return Selection(num, idx, mass[0] if mass else None)
-
-
 def dense_groups_of(num: torch.Tensor, num_kv_heads: int, dense_above: float) -> torch.Tensor:
     """``dense_groups`` from a whole selection's kv_num_blocks (B, H, M): read at the probe
     rows, as ``probe`` reads them."""
@@ -190,7 +176,7 @@ def probe(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillCo
     ``ahead``'s work. ``vs_blocks``: the call's vertical/slash flags (counted in the density).
     """
     rows = probe_rows(cdiv_blocks(q, config))
-    num = _search_rows(q, k, scale, config, kmean, rows, vs_blocks=vs_blocks).num
+    num = search_rows(q, k, scale, config, kmean, rows, vs_blocks=vs_blocks).num
     return host_flags(num, lambda n: dense_groups(n, k.shape[1], config.dense_above, rows),
                       ahead)
 
@@ -209,7 +195,7 @@ def first_selection(q: torch.Tensor, k: torch.Tensor, scale: float,
     if step >= M:
         return select(q, k, scale, config, kmean=kmean, with_mass=with_mass,
                       vs_blocks=vs_blocks)
-    return _search_rows(q, k, scale, config, kmean, (0, 1, step), with_mass, vs_blocks)
+    return search_rows(q, k, scale, config, kmean, (0, 1, step), with_mass, vs_blocks)
 
 
 def sparse_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -252,7 +238,7 @@ def sparse_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         if i0 == 0 and first is not None:
             chunk = first
         else:
-            chunk = _search_rows(q, k, scale, config, kmean, (i0, 1, n), with_mass, vs_blocks)
+            chunk = search_rows(q, k, scale, config, kmean, (i0, 1, n), with_mass, vs_blocks)
         chunks.append(chunk)
         num = chunk.num
         if skip_heads is not None:

@@ -62,14 +62,23 @@ def select(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillC
     if not use_triton(q, config.kernel):
         keep, mass = select_mask(q, k, scale, config, return_mass=True)
         return Selection(*ku.compact_mask(keep), mass if with_mass else None)
-    from .kernels.pattern_search import pattern_search
-
     if vs_blocks is None:
         vs_blocks = vs_flags(q, k, scale, config)
+    return search_rows(q, k, scale, config, kmean, None, with_mass, vs_blocks)
+
+
+def search_rows(q: torch.Tensor, k: torch.Tensor, scale: float, config: FlashPrefillConfig,
+                kmean: torch.Tensor | None, rows: tuple[int, int, int] | None,
+                with_mass: bool = False, vs_blocks=None) -> Selection:
+    """The Triton search under ``config``: of the query blocks ``rows`` (start, step, n; None:
+    all of them); ``vs_blocks``: the call's vertical/slash flags (``vs_flags``; None when the
+    detector is off). The one place that turns a config into ``pattern_search``'s arguments."""
+    from .kernels.pattern_search import pattern_search
+
     num, idx, *mass = pattern_search(
         q, k, scale, config.block_size, config.alpha, config.sink_blocks, config.window_blocks,
         config.last_dense_blocks, gqa_shared=config.gqa_shared, kmean=kmean,
-        mass_floor=config.mass_floor, return_mass=with_mass, vs_blocks=vs_blocks,
+        mass_floor=config.mass_floor, return_mass=with_mass, rows=rows, vs_blocks=vs_blocks,
         row_stride=config.search_stride)
     return Selection(num, idx, mass[0] if mass else None)
 
